@@ -1,0 +1,68 @@
+"""Host-side choices shared by the Triton launchers: block sizes, dot precision,
+and what the interpreter needs (bf16 is computed in fp32 there, see `upcast`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Blocks:
+    BLOCK_M: int  # query rows per tile
+    BLOCK_N: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def head_block(dim: int) -> int:
+    """Padded constexpr tile width for a head dim (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs stay IEEE unless the user opted into TF32 for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """The interpreter's bf16 arithmetic is wrong upstream: compute bf16 in fp32 there."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def forward_blocks(dim: int, dtype: torch.dtype) -> Blocks:
+    """Tiles for the forward and the dQ pass (query-major). Conservative first
+    choices that fit the shared memory of sm_80 / sm_90; tuned per GPU later."""
+    wide = dtype == torch.float32
+    if dim <= 64:
+        return Blocks(64, 32, 4, 2) if wide else Blocks(128, 64, 4, 3)
+    if dim <= 128:
+        return Blocks(64, 32, 4, 2) if wide else Blocks(128, 64, 8, 3)
+    return Blocks(32, 32, 4, 1) if wide else Blocks(64, 32, 8, 2)
+
+
+def key_major_blocks(dim: int, dtype: torch.dtype) -> Blocks:
+    """Tiles for the dK/dV pass: BLOCK_N keys stay resident, BLOCK_M queries stream."""
+    wide = dtype == torch.float32
+    if dim <= 64:
+        return Blocks(32, 64, 4, 2) if wide else Blocks(32, 128, 4, 3)
+    if dim <= 128:
+        return Blocks(32, 32, 4, 2) if wide else Blocks(32, 64, 4, 2)
+    return Blocks(16, 32, 4, 1) if wide else Blocks(32, 32, 8, 1)
+
+
+def strides(t: torch.Tensor) -> tuple:
+    """Strides of a (Z, H, N, D) tensor, any of them may be 0 (broadcast) or non-unit."""
+    return tuple(t.stride())
