@@ -66,7 +66,8 @@ def attention(
     Shapes as `attn_kernels.fused_attention`. `dropout_mask` (bool, broadcastable to
     (..., Hq, L, S), True = keep) replaces the random draw so that a test can replay a
     kernel's dropout exactly; kept probabilities are scaled by 1 / (1 - dropout_p).
-    Returns out, or (out, lse) with lse float32 when return_lse is True.
+    Returns out, or (out, lse) when return_lse is True; lse is float32 (float64 for
+    float64 inputs, so that the oracle keeps its precision).
     """
     spec = check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
@@ -78,7 +79,8 @@ def attention(
         probs = probs.masked_fill(~keep, 0.0) / (1.0 - spec.dropout_p)
     out = torch.matmul(probs, v).reshape(spec.out_shape)
     if return_lse:
-        return out, lse.reshape(spec.lse_shape).float()
+        lse_dtype = torch.float64 if lse.dtype == torch.float64 else torch.float32
+        return out, lse.reshape(spec.lse_shape).to(lse_dtype)
     return out
 
 

@@ -1,0 +1,121 @@
+"""The public API: clear errors on bad input (before any kernel runs), backend
+selection with no silent fallback, available_backends, SDPA's argument order."""
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_CUDA
+
+import attn_kernels
+from attn_kernels import attention_weights, available_backends, fused_attention
+
+
+def qkv(*shape_q, S=6, Ev=None, hkv=None, dtype=torch.float32):
+    *batch, H, L, E = shape_q
+    q = torch.randn(*batch, H, L, E, dtype=dtype)
+    k = torch.randn(*batch, hkv or H, S, E, dtype=dtype)
+    v = torch.randn(*batch, hkv or H, S, Ev or E, dtype=dtype)
+    return q, k, v
+
+
+def test_signature_is_sdpa_plus_keywords():
+    ours = list(inspect.signature(fused_attention).parameters)
+    sdpa = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    assert ours[: len(sdpa)] == sdpa
+    assert {"backend", "return_lse"} <= set(ours)
+    assert attn_kernels.__version__
+
+
+BAD_INPUTS = [
+    (lambda q, k, v: fused_attention(q[0, 0, 0], k, v), ValueError, "at least 2 dims"),
+    (lambda q, k, v: fused_attention(q.numpy(), k, v), TypeError, "query must be a torch.Tensor"),
+    (lambda q, k, v: fused_attention(q, k[..., :3], v), ValueError, "head dim"),
+    (lambda q, k, v: fused_attention(q, k, v[:, :, :5]), ValueError, "sequence length"),
+    (lambda q, k, v: fused_attention(q, k[:, :1], v[:, :1]), ValueError, "enable_gqa"),
+    (lambda q, k, v: fused_attention(q[:, :3], k[:, :2], v[:, :2], enable_gqa=True), ValueError, "multiple"),
+    (lambda q, k, v: fused_attention(q, k[:, :2], v), ValueError, "value heads"),
+    (lambda q, k, v: fused_attention(q, k[:1], v[:1]), ValueError, "batch dims"),
+    (lambda q, k, v: fused_attention(q, k[0], v[0]), ValueError, "same number of dims"),
+    (lambda q, k, v: fused_attention(q.long(), k, v), TypeError, "query.dtype"),
+    (lambda q, k, v: fused_attention(q, k.half(), v), TypeError, "key.dtype"),
+    (lambda q, k, v: fused_attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda q, k, v: fused_attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
+    (lambda q, k, v: fused_attention(q, k, v, scale="big"), TypeError, "scale"),
+    (lambda q, k, v: fused_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
+    (lambda q, k, v: fused_attention(q, k, v, is_causal=1), TypeError, "is_causal"),
+    (lambda q, k, v: fused_attention(q, k, v, backend="flash"), ValueError, "backend"),
+    (lambda q, k, v: fused_attention(q, k, v, return_lse="yes"), TypeError, "return_lse"),
+    (lambda q, k, v: fused_attention(q, k, v, attn_mask=torch.ones(3, 6, dtype=torch.bool)), ValueError, "attn_mask"),
+    (lambda q, k, v: fused_attention(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.int32)), TypeError, "attn_mask"),
+    (lambda q, k, v: fused_attention(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.bool), is_causal=True), ValueError, "is_causal"),
+    (lambda q, k, v: attention_weights(q, k[:, :1]), ValueError, "enable_gqa"),
+]
+
+
+@pytest.mark.parametrize("call,exc,words", BAD_INPUTS, ids=[w for _, _, w in BAD_INPUTS])
+def test_bad_input_raises_clearly(call, exc, words):
+    q, k, v = qkv(2, 4, 4, 8)
+    with pytest.raises(exc, match=words):
+        call(q, k, v)
+
+
+def test_triton_limits_raise_not_implemented():
+    q, k, v = qkv(1, 2, 4, 8)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        fused_attention(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.bool), backend="triton")
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        fused_attention(q, k, v, dropout_p=0.1, backend="triton")
+    with pytest.raises(NotImplementedError, match="head dims up to 256"):
+        fused_attention(*qkv(1, 1, 4, 257), backend="triton")
+    with pytest.raises(NotImplementedError, match="float64"):
+        fused_attention(q.double(), k.double(), v.double(), backend="triton")
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    q, k, v = qkv(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fused_attention(q, k, v, backend="triton")
+    status = available_backends()["triton"]
+    assert not status.available and "TRITON_INTERPRET" in status.detail
+
+
+def test_available_backends_reports_each_backend():
+    backends = available_backends()
+    assert set(backends) == {"triton", "reference"}
+    assert backends["reference"].available
+    assert backends["triton"].available  # the suite runs on a GPU or in the interpreter
+
+
+def test_auto_on_cpu_uses_reference_with_every_feature():
+    q, k, v = qkv(2, 4, 5, 8, S=7)
+    mask = torch.rand(5, 7) > 0.5
+    mask[:, 0] = True
+    out = fused_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_edge_lengths(backend):
+    for L, S in ((0, 4), (4, 0), (1, 1)):
+        q, k, v = (t.to(DEVICE) for t in qkv(1, 2, L, 16, S=S))
+        out, lse = fused_attention(q, k, v, backend=backend, return_lse=True)
+        assert out.shape == (1, 2, L, 16) and lse.shape == (1, 2, L)
+        assert not out.isnan().any()
+
+
+def test_zero_batch():
+    q, k, v = (t.to(DEVICE) for t in qkv(0, 2, 4, 16))
+    assert fused_attention(q, k, v, backend="triton").shape == (0, 2, 4, 16)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_picks_triton_and_warns_on_reference_route():
+    q, k, v = (t.cuda().half() for t in qkv(1, 2, 64, 64, S=64))
+    out = fused_attention(q, k, v)
+    torch.testing.assert_close(out, fused_attention(q, k, v, backend="triton"), atol=0, rtol=0)
+    with pytest.warns(UserWarning, match="attn_mask"):
+        fused_attention(q, k, v, attn_mask=torch.ones(64, 64, dtype=torch.bool, device="cuda"))
