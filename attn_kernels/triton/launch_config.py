@@ -31,10 +31,11 @@ def head_block(dim: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs stay IEEE unless the user opted into TF32 for matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """fp32 inputs stay IEEE unless the user opted into TF32 for matmuls. (fp16/bf16
+    dots ignore it: they get Triton's default.)"""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def upcast(dtype: torch.dtype) -> bool:
@@ -60,7 +61,7 @@ def key_major_blocks(dim: int, dtype: torch.dtype) -> Blocks:
         return Blocks(32, 64, 4, 2) if wide else Blocks(32, 128, 4, 3)
     if dim <= 128:
         return Blocks(32, 32, 4, 2) if wide else Blocks(32, 64, 4, 2)
-    return Blocks(16, 32, 4, 1) if wide else Blocks(32, 32, 8, 1)
+    return Blocks(16, 32, 4, 1) if wide else Blocks(32, 32, 4, 1)
 
 
 def strides(t: torch.Tensor) -> tuple:
