@@ -41,6 +41,8 @@ def _triton_status() -> BackendStatus:
     if torch.cuda.is_available():
         return BackendStatus(True, f"CUDA tensors on {torch.cuda.get_device_name()}")
     if _triton_interpreting():
+        if importlib.util.find_spec("numpy") is None:
+            return BackendStatus(False, "the Triton interpreter (TRITON_INTERPRET=1) needs numpy (pip install numpy)")
         return BackendStatus(True, "CPU tensors through the Triton interpreter (TRITON_INTERPRET=1; slow, for testing)")
     return BackendStatus(False, "no CUDA GPU, and TRITON_INTERPRET=1 is not set for the CPU interpreter")
 

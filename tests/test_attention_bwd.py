@@ -7,29 +7,23 @@ import pytest
 import torch
 from accuracy import check_against_reference
 from conftest import DEVICE
-from test_attention_fwd import BF16, FP16, FP32, fused, make_qkv
+from test_attention_fwd import BF16, CASES, FP16, FP32, fused, make_qkv
 
-# (L, S, E, Ev, Hq, Hkv, causal, dtype)
-CASES = [
-    (1, 17, 16, 16, 2, 2, False, FP32),
-    (17, 1, 40, 24, 2, 2, True, FP16),
-    (17, 64, 64, 64, 4, 2, True, FP32),
-    (64, 100, 80, 80, 4, 1, False, FP16),
-    (100, 129, 128, 96, 2, 2, True, FP16),
-    (129, 100, 40, 40, 4, 1, True, FP32),
-    (129, 17, 16, 48, 2, 2, False, BF16),
-    (64, 129, 80, 40, 4, 2, True, BF16),
-    (1, 1, 64, 64, 1, 1, True, FP16),
-    (129, 129, 7, 5, 2, 2, True, FP32),
-    (33, 70, 256, 256, 1, 1, True, FP16),
-    (70, 33, 200, 136, 2, 1, False, FP32),
+# every ordered pair of the lengths with L != S, cycling through head dims
+# (Ev != E included), GQA ratios, masking and dtypes
+LENGTHS = (1, 17, 64, 100, 129)
+HEAD_DIMS = ((16, 16), (40, 24), (64, 64), (80, 48), (128, 128))
+PAIRS = [(L, S) for L in LENGTHS for S in LENGTHS if L != S]
+GRID = [
+    (L, S, *HEAD_DIMS[i % 5], (1, 2, 4)[i % 3] * 2, 2, i % 2 == 0, (FP32, FP16, BF16)[(i // 3) % 3])
+    for i, (L, S) in enumerate(PAIRS)
 ]
 
 
-@pytest.mark.parametrize("L,S,E,Ev,Hq,Hkv,causal,dtype", CASES)
+@pytest.mark.parametrize("L,S,E,Ev,Hq,Hkv,causal,dtype", CASES + GRID)
 def test_backward_matches_reference(L, S, E, Ev, Hq, Hkv, causal, dtype):
     q, k, v = make_qkv((2,), Hq, Hkv, L, S, E, Ev, dtype)
-    check_against_reference(fused, q, k, v, is_causal=causal, enable_gqa=Hq != Hkv)
+    check_against_reference(fused, q, k, v, is_causal=causal, enable_gqa=Hq != Hkv, return_lse=True)
 
 
 @pytest.mark.parametrize("draw", range(4))

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import lse_base2
 from .launch_config import LOG2E, dot_precision, forward_blocks, head_block, key_major_blocks, upcast
+from .tiling import lse_base2, split_program_id
 
 
 @triton.jit
@@ -40,12 +40,7 @@ def _bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    start_m = pid % num_m
-    off_zh = pid // num_m
-    off_z = (off_zh // H).to(tl.int64)
-    off_h = (off_zh % H).to(tl.int64)
+    start_m, off_zh, off_z, off_h, _ = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, 1)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < L) & (offs_dv[None, :] < EV)
@@ -87,13 +82,9 @@ def _bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    # program -> (key block, batch * key/value head)
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(S, BLOCK_N)
-    start_n = (pid % num_n) * BLOCK_N
-    off_zh = pid // num_n
-    off_z = (off_zh // HKV).to(tl.int64)
-    off_hkv = (off_zh % HKV).to(tl.int64)
+    # program -> (key block, batch, key/value head)
+    block_n, _, off_z, off_hkv, _ = split_program_id(tl.program_id(0), tl.cdiv(S, BLOCK_N), HKV, 1)
+    start_n = block_n * BLOCK_N
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -170,14 +161,8 @@ def _bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    # program -> (query block, batch * query head), as in the forward
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    start_m = pid % num_m
-    off_zh = pid // num_m
-    off_z = (off_zh // H).to(tl.int64)
-    off_h = (off_zh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
+    # program -> (query block, batch, query head, key/value head), as in the forward
+    start_m, off_zh, off_z, off_h, off_hkv = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, GROUP)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

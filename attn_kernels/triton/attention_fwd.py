@@ -26,16 +26,9 @@ import triton
 import triton.language as tl
 
 from .launch_config import LOG2E, dot_precision, forward_blocks, head_block, upcast
+from .tiling import split_program_id
 
 LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = tl.constexpr(LOG2E)
-
-
-@triton.jit
-def lse_base2(lse):
-    """The forward's natural-log LSE in base 2, for recomputing P = exp2(s2 - lse2).
-    lse = -inf (a row with no allowed key) becomes +inf, so its P is 0, not NaN."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
 
 
 @triton.jit
@@ -56,14 +49,8 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    # program -> (query block, batch * head); query blocks of one head are adjacent
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    start_m = pid % num_m
-    off_zh = pid // num_m
-    off_z = (off_zh // H).to(tl.int64)
-    off_h = (off_zh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
+    # program -> (query block, batch, head, key/value head)
+    start_m, off_zh, off_z, off_h, off_hkv = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, GROUP)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

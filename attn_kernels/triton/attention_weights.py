@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import attention_fwd, lse_base2
+from .attention_fwd import attention_fwd
 from .launch_config import LOG2E, dot_precision, forward_blocks, head_block, upcast
+from .tiling import lse_base2, split_program_id
 
 
 @triton.jit
@@ -34,16 +35,11 @@ def _attn_weights_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # program -> (query block, key block, batch * head)
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
+    # program -> (key block, query block, batch, head, key/value head)
     num_n = tl.cdiv(S, BLOCK_N)
-    start_n = (pid % num_n) * BLOCK_N
-    start_m = (pid // num_n % num_m) * BLOCK_M
-    off_zh = pid // (num_n * num_m)
-    off_z = (off_zh // H).to(tl.int64)
-    off_h = (off_zh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
+    block, off_zh, off_z, off_h, off_hkv = split_program_id(tl.program_id(0), num_n * tl.cdiv(L, BLOCK_M), H, GROUP)
+    start_n = (block % num_n) * BLOCK_N
+    start_m = (block // num_n) * BLOCK_M
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
