@@ -40,6 +40,7 @@ BAD_INPUTS = [
     (lambda q, k, v: fused_attention(q, k[0], v[0]), ValueError, "same number of dims"),
     (lambda q, k, v: fused_attention(q.long(), k, v), TypeError, "query.dtype"),
     (lambda q, k, v: fused_attention(q, k.half(), v), TypeError, "key.dtype"),
+    (lambda q, k, v: fused_attention(q, k.to("meta"), v), ValueError, "key is on meta"),
     (lambda q, k, v: fused_attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
     (lambda q, k, v: fused_attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
     (lambda q, k, v: fused_attention(q, k, v, scale="big"), TypeError, "scale"),
