@@ -1,7 +1,25 @@
 """attn_kernels: fused attention kernels for PyTorch (Triton), SDPA-compatible."""
 
-from .api import BackendStatus, attention_weights, available_backends, fused_attention
+from .api import (
+    BackendStatus,
+    attention_weights,
+    available_backends,
+    dropout_keep_mask,
+    fused_attention,
+    fused_attention_varlen,
+)
+from .packing import pack, unpack
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["fused_attention", "attention_weights", "available_backends", "BackendStatus", "__version__"]
+__all__ = [
+    "fused_attention",
+    "fused_attention_varlen",
+    "attention_weights",
+    "dropout_keep_mask",
+    "available_backends",
+    "pack",
+    "unpack",
+    "BackendStatus",
+    "__version__",
+]

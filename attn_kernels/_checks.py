@@ -36,7 +36,26 @@ class AttentionSpec:
     scale: float
     is_causal: bool
     dropout_p: float
-    has_mask: bool
+    has_mask: bool  # a tensor mask (a CausalBias becomes is_causal instead)
+    causal_bottom_right: bool = False  # causal aligned so the last query sees every key
+    window: tuple = (-1, -1)  # (left, right) extent of a sliding window, -1 = unbounded
+    softcap: float = 0.0
+    has_alibi: bool = False
+
+    def band(self, packed: bool = False) -> tuple:
+        """Bounds (lo, hi) of j - i for an allowed (query i, key j), None = unbounded.
+        Windows are aligned bottom-right (FlashAttention); causal top-left unless
+        causal_bottom_right. Packed batches: relative to each sequence's bottom-right
+        diagonal, where causal is always bottom-right."""
+        diag = 0 if packed else self.len_k - self.len_q
+        hi = None
+        if self.is_causal:
+            hi = diag if (self.causal_bottom_right or packed) else 0
+        left, right = self.window
+        if right >= 0:
+            hi = diag + right if hi is None else min(hi, diag + right)
+        lo = diag - left if left >= 0 else None
+        return lo, hi
 
     @property
     def out_shape(self) -> tuple:
@@ -90,6 +109,49 @@ def check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
+def check_window(window_size) -> tuple:
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
+    ):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded; got {tuple(window_size)}")
+    return tuple(window_size)
+
+
+def check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap}")
+    return float(softcap)
+
+
+def check_alibi(alibi_slopes, batch: tuple, heads_q: int, device: torch.device) -> None:
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if not alibi_slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be a floating tensor, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((heads_q,), (*batch, heads_q)):
+        allowed = f"({heads_q},)" + (f" or {(*batch, heads_q)}" if batch else "")
+        raise ValueError(f"alibi_slopes must have shape {allowed}, got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but query is on {device}")
+
+
+def _causal_bias(attn_mask):
+    """The variant of a torch.nn.attention.bias.CausalBias mask, else None."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # older torch: no such objects to accept
+        return None
+    if isinstance(attn_mask, CausalBias):
+        return attn_mask.variant == CausalVariant.LOWER_RIGHT, attn_mask.seq_len_q, attn_mask.seq_len_kv
+    return None
+
+
 def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
@@ -122,8 +184,12 @@ def check_attention(
     is_causal=False,
     scale=None,
     enable_gqa=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
 ) -> AttentionSpec:
-    """Validate SDPA-style arguments; value=None for `attention_weights`."""
+    """Validate SDPA-style arguments (plus the keyword extras); value=None for
+    `attention_weights`. A `CausalBias` attn_mask becomes is_causal with its alignment."""
     named = [("query", query), ("key", key)] + ([("value", value)] if value is not None else [])
     for name, t in named:
         _check_tensor(name, t)
@@ -171,11 +237,23 @@ def check_attention(
 
     is_causal = _check_flag("is_causal", is_causal)
     dropout_p = check_dropout(dropout_p)
+    bottom_right = False
     if attn_mask is not None:
         if is_causal:
             raise ValueError("pass either attn_mask or is_causal=True, not both (as in SDPA)")
-        scores_shape = (*batch, heads_q, len_q, len_k) if rank > 2 else (len_q, len_k)
-        _check_mask(attn_mask, query.dtype, query.device, scores_shape)
+        causal = _causal_bias(attn_mask)
+        if causal is not None:
+            bottom_right, bias_len_q, bias_len_k = causal
+            if (bias_len_q, bias_len_k) != (len_q, len_k):
+                raise ValueError(
+                    f"attn_mask is a causal bias for L={bias_len_q}, S={bias_len_k} but the inputs have L={len_q}, S={len_k}"
+                )
+            is_causal, attn_mask = True, None
+        else:
+            scores_shape = (*batch, heads_q, len_q, len_k) if rank > 2 else (len_q, len_k)
+            _check_mask(attn_mask, query.dtype, query.device, scores_shape)
+    if alibi_slopes is not None:
+        check_alibi(alibi_slopes, batch, heads_q, query.device)
 
     return AttentionSpec(
         rank=rank,
@@ -192,4 +270,53 @@ def check_attention(
         is_causal=is_causal,
         dropout_p=dropout_p,
         has_mask=attn_mask is not None,
+        causal_bottom_right=bottom_right,
+        window=check_window(window_size),
+        softcap=check_softcap(softcap),
+        has_alibi=alibi_slopes is not None,
+    )
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen, device: torch.device) -> int:
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        got = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise TypeError(f"{name} must be a 1-D int32 tensor of prefix sums (num_seqs + 1,), got {got}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"max_seqlen for {name} must be an int >= 0, got {max_seqlen!r}")
+    # one small host read: a wrong prefix sum would make the kernels read out of bounds
+    bounds = cu.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths, default=0) < 0:
+        raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}; got {bounds}")
+    if max(lengths, default=0) > max_seqlen:
+        raise ValueError(f"a sequence in {name} is {max(lengths)} long, more than its max_seqlen {max_seqlen}")
+    return len(lengths)
+
+
+def check_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    dropout_p=0.0, is_causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+) -> AttentionSpec:
+    """Validate packed inputs: q (total_q, Hq, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev).
+    The spec has batch (num_seqs,), len_q / len_k = the max lengths, and is_causal
+    meaning bottom-right (FlashAttention's varlen)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be packed as (total, heads, head_dim), got shape {tuple(t.shape)}")
+    # the per-head checks are those of a single (heads, total, dim) call
+    check_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None, dropout_p, is_causal, scale,
+                    True, window_size, softcap)
+    num_seqs = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
+    if _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device) != num_seqs:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+    if alibi_slopes is not None:
+        check_alibi(alibi_slopes, (num_seqs,), q.shape[1], q.device)
+    return AttentionSpec(
+        rank=3, batch=(num_seqs,), heads_q=q.shape[1], heads_kv=k.shape[1], len_q=max_seqlen_q,
+        len_k=max_seqlen_k, dim_qk=q.shape[2], dim_v=v.shape[2], dtype=q.dtype, device=q.device,
+        scale=check_scale(scale, q.shape[2]), is_causal=is_causal, dropout_p=float(dropout_p), has_mask=False,
+        window=tuple(window_size), softcap=float(softcap), has_alibi=alibi_slopes is not None,
     )

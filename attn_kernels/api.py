@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import ops, reference
-from ._checks import AttentionSpec, check_attention, check_backend
+from ._checks import AttentionSpec, _check_flag, check_attention, check_backend, check_varlen
 
 TRITON_MAX_HEAD_DIM = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -76,10 +76,6 @@ def _triton_refusal(spec: AttentionSpec) -> Optional[Exception]:
         return NotImplementedError(
             f"backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}; got E={spec.dim_qk}, Ev={spec.dim_v}"
         )
-    if spec.has_mask:
-        return NotImplementedError("attn_mask is not supported by backend='triton' yet; use backend='reference'")
-    if spec.dropout_p > 0.0:
-        return NotImplementedError("dropout_p > 0 is not supported by backend='triton' yet; use backend='reference'")
     return None
 
 
@@ -101,6 +97,10 @@ def _pick_backend(backend: str, spec: AttentionSpec) -> str:
     return "triton"
 
 
+def _check_return_lse(return_lse) -> bool:
+    return _check_flag("return_lse", return_lse)
+
+
 def fused_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -111,41 +111,111 @@ def fused_attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     *,
+    window_size: tuple = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
     backend: str = "auto",
     return_lse: bool = False,
 ):
     """softmax(query @ key^T * scale + attn_mask) @ value, fused (FlashAttention-2).
 
     A drop-in for `torch.nn.functional.scaled_dot_product_attention`: same arguments,
-    shapes and semantics, differentiable in query, key and value.
+    shapes and semantics, differentiable in query, key, value and a float attn_mask.
 
     Args:
         query: (..., Hq, L, E), or (L, E).
         key: (..., Hkv, S, E), or (S, E); same leading dims as query.
         value: (..., Hkv, S, Ev), or (S, Ev).
-        attn_mask: None, or bool (True = may attend) / additive float in the query dtype,
-            broadcastable to (..., Hq, L, S). Reference backend only for now.
-        dropout_p: probability of dropping an attention weight, in [0, 1). Reference only for now.
+        attn_mask: None; bool (True = may attend) or additive float in the query dtype,
+            broadcastable to (..., Hq, L, S) (read through its strides, never expanded;
+            a float mask that requires grad gets its gradient); or
+            `torch.nn.attention.bias.causal_upper_left(L, S)` / `causal_lower_right(L, S)`.
+        dropout_p: probability of dropping an attention weight, in [0, 1). The Triton
+            kernels draw a Philox mask seeded from torch's generator for the device, so
+            `torch.manual_seed` replays a call (see `dropout_keep_mask`).
         is_causal: query i attends to keys 0..i (top-left aligned, as SDPA).
         scale: multiplier of q.k; default 1 / sqrt(E). 1.0 is plain dot-product attention.
         enable_gqa: allow Hq to be a multiple of Hkv; query head h uses key/value head
             h // (Hq / Hkv), without copying key or value.
+        window_size: (left, right): query i sees keys i + S - L - left .. i + S - L + right
+            (FlashAttention's sliding window, bottom-right aligned); -1 = unbounded.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap) (before masks).
+        alibi_slopes: (Hq,) or (..., Hq) float: adds -slope * |i + S - L - j| to the
+            scores (FlashAttention's ALiBi); no gradient.
+        deterministic: ask for a bit-reproducible backward. The Triton backward never
+            uses float atomics, so it always is; accepted for FlashAttention parity.
         backend: "auto" | "triton" | "reference" (see `available_backends()`).
         return_lse: also return the log-sum-exp of the scores.
 
     Returns:
         out (..., Hq, L, Ev) in the input dtype; with return_lse, (out, lse) where lse is
-        float32 (..., Hq, L), the natural log of the softmax denominator (-inf for a row
-        with no allowed key, whose output is 0).
+        float32 (..., Hq, L), the natural log of the softmax denominator. A row with no
+        allowed key (masked, windowed, or bottom-right causal with L > S) gets output 0,
+        lse -inf and zero gradients, never NaN.
     """
-    spec = check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    spec = check_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
+    )
+    _check_flag("deterministic", deterministic)
+    return_lse = _check_return_lse(return_lse)
     if _pick_backend(backend, spec) == "reference":
         return reference.attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse=return_lse
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
         )
-    out, lse = ops.fused_attention(query, key, value, spec)
+    out, lse = ops.fused_attention(query, key, value, attn_mask, alibi_slopes, spec)
+    return (out, lse) if return_lse else out
+
+
+def fused_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    window_size: tuple = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over packed variable-length sequences, with no padding
+    (the semantics of FlashAttention's `flash_attn_varlen_func`).
+
+    Args:
+        q: (total_q, Hq, E), the sequences' queries one after the other.
+        k: (total_k, Hkv, E); v: (total_k, Hkv, Ev). Hq a multiple of Hkv (GQA implied).
+        cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) prefix sums of the lengths,
+            starting at 0 (see `attn_kernels.pack`). Read once on the host to validate.
+        max_seqlen_q, max_seqlen_k: the longest lengths (ints).
+        is_causal: aligned bottom-right per sequence (the last query sees every key).
+        dropout_p, scale, window_size, softcap, alibi_slopes ((Hq,) or (num_seqs, Hq)),
+            deterministic, backend: as `fused_attention`.
+
+    Returns:
+        out (total_q, Hq, Ev) in the input dtype; with return_lse, also lse float32 (Hq, total_q).
+    """
+    spec = check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        dropout_p, is_causal, scale, window_size, softcap, alibi_slopes,
+    )
+    _check_flag("deterministic", deterministic)
+    return_lse = _check_return_lse(return_lse)
+    if _pick_backend(backend, spec) == "reference":
+        return reference.attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap,
+            alibi_slopes=alibi_slopes, return_lse=return_lse,
+        )
+    out, lse = ops.fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec)
     return (out, lse) if return_lse else out
 
 
@@ -157,16 +227,45 @@ def attention_weights(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     *,
+    window_size: tuple = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The attention probabilities softmax(query @ key^T * scale + attn_mask).
+    """The attention probabilities softmax(scores), before dropout.
 
-    Shapes as `fused_attention`: query (..., Hq, L, E), key (..., Hkv, S, E) ->
+    Arguments as `fused_attention`: query (..., Hq, L, E), key (..., Hkv, S, E) ->
     (..., Hq, L, S) in the input dtype (rows with no allowed key are 0). The triton
     backend computes them from the fused forward's LSE, tile by tile. The result holds
     L x S values per head: it is for inspecting what a model attends to.
     """
-    spec = check_attention(query, key, None, attn_mask, 0.0, is_causal, scale, enable_gqa)
+    spec = check_attention(
+        query, key, None, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
+    )
     if _pick_backend(backend, spec) == "reference":
-        return reference.attention_weights(query, key, attn_mask, is_causal, scale, enable_gqa)
-    return ops.attention_weights(query, key, spec)
+        return reference.attention_weights(
+            query, key, attn_mask, is_causal, scale, enable_gqa,
+            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        )
+    return ops.attention_weights(query, key, attn_mask, alibi_slopes, spec)
+
+
+def dropout_keep_mask(
+    query: torch.Tensor, key: torch.Tensor, dropout_p: float, enable_gqa: bool = False, *, backend: str = "auto"
+) -> torch.Tensor:
+    """The dropout keep-mask (bool (..., Hq, L, S), True = kept) that `fused_attention`
+    with this backend draws for these shapes, if called from the same generator state:
+
+        torch.manual_seed(0); out = fused_attention(q, k, v, dropout_p=0.1)
+        torch.manual_seed(0); keep = dropout_keep_mask(q, k, 0.1)
+        reference.attention(q, k, v, dropout_p=0.1, dropout_mask=keep)   # == out
+    """
+    spec = check_attention(query, key, None, None, dropout_p, False, None, enable_gqa)
+    if spec.dropout_p == 0.0:
+        raise ValueError("dropout_p must be > 0 for a dropout mask")
+    if _pick_backend(backend, spec) == "reference":
+        # the draw reference.attention makes: rand_like of its probabilities
+        shape = spec.weights_shape if spec.rank > 2 else (1, 1, spec.len_q, spec.len_k)
+        keep = torch.rand(shape, dtype=spec.dtype, device=spec.device) >= spec.dropout_p
+        return keep.reshape(spec.weights_shape)
+    return ops.dropout_keep_mask(query, key, spec)

@@ -1,14 +1,18 @@
 """Eager PyTorch attention: the CPU path and the test oracle.
 
-    scores = (query @ key^T) * scale + mask          (..., Hq, L, S)
-    lse    = logsumexp(scores, -1)                    (..., Hq, L)
-    probs  = exp(scores - lse)                        rows with no allowed key are 0
-    out    = dropout(probs) @ value                   (..., Hq, L, Ev)
+    scores = (query @ key^T) * scale                         (..., Hq, L, S)
+    scores = softcap * tanh(scores / softcap)                 if softcap > 0
+    scores = scores - slope_h * |i + S - L - j|               with alibi_slopes (FlashAttention's ALiBi)
+    scores = scores + attn_mask  (float)  /  -inf where attn_mask is False (bool)
+    scores = -inf outside the causal / sliding-window band   (AttentionSpec.band)
+    lse    = logsumexp(scores, -1)                            (..., Hq, L)
+    probs  = exp(scores - lse)                                rows with no allowed key are 0
+    out    = dropout(probs) @ value                           (..., Hq, L, Ev)
 
-Same signature and semantics as `torch.nn.functional.scaled_dot_product_attention`,
-computed in the input dtype (float64 gives the oracle; float16 gives "PyTorch's own
-error" at that precision). It materialises the L x S matrix: use it for checking and
-for CPU tensors, not for long sequences on a GPU.
+Same signature and semantics as `attn_kernels.fused_attention` (SDPA's, plus the
+keyword extras), computed in the input dtype: float64 gives the oracle, float16
+gives "PyTorch's own error" at that precision. It materialises the L x S matrix:
+use it for checking and for CPU tensors, not for long sequences on a GPU.
 """
 
 from __future__ import annotations
@@ -22,21 +26,29 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, 1, *t.shape) if t.dim() == 2 else t
 
 
-def _masked_scores(query, key, attn_mask, spec: AttentionSpec) -> torch.Tensor:
-    """scale * q k^T with causal / boolean / additive masking applied (-inf = masked)."""
+def _scores(query, key, attn_mask, alibi_slopes, spec: AttentionSpec) -> torch.Tensor:
+    """Scores with every modifier applied, -inf where masked (see the module docstring)."""
     if spec.heads_q != spec.heads_kv:
         # GQA: query head h reads key/value head h // (Hq / Hkv)
         key = key.repeat_interleave(spec.heads_q // spec.heads_kv, dim=-3)
     scores = torch.matmul(query, key.transpose(-2, -1)) * spec.scale
-    if spec.is_causal:
-        # top-left alignment, as SDPA: query i sees keys 0..i
-        allowed = torch.ones(spec.len_q, spec.len_k, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    if spec.softcap > 0:
+        scores = spec.softcap * torch.tanh(scores / spec.softcap)
+    rows = torch.arange(spec.len_q, device=scores.device)[:, None]
+    cols = torch.arange(spec.len_k, device=scores.device)[None, :]
+    if alibi_slopes is not None:
+        distance = (rows + spec.len_k - spec.len_q - cols).abs().to(scores.dtype)
+        scores = scores - alibi_slopes.to(scores.dtype)[..., None, None] * distance
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
+    lo, hi = spec.band()
+    if lo is not None:
+        scores = scores.masked_fill(cols - rows < lo, float("-inf"))
+    if hi is not None:
+        scores = scores.masked_fill(cols - rows > hi, float("-inf"))
     return scores
 
 
@@ -58,22 +70,28 @@ def attention(
     scale=None,
     enable_gqa=False,
     *,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
     return_lse=False,
     dropout_mask=None,
 ):
-    """softmax(query @ key^T * scale + mask) @ value, eagerly.
+    """softmax(scores) @ value, eagerly; arguments and shapes as `fused_attention`.
 
-    Shapes as `attn_kernels.fused_attention`. `dropout_mask` (bool, broadcastable to
-    (..., Hq, L, S), True = keep) replaces the random draw so that a test can replay a
-    kernel's dropout exactly; kept probabilities are scaled by 1 / (1 - dropout_p).
+    `dropout_mask` (bool, broadcastable to (..., Hq, L, S), True = keep) replaces the
+    random draw, so that a test can replay a kernel's dropout exactly (see
+    `attn_kernels.dropout_keep_mask`); kept probabilities are scaled by 1 / (1 - p).
     Returns out, or (out, lse) when return_lse is True; lse is float32 (float64 for
     float64 inputs, so that the oracle keeps its precision).
     """
-    spec = check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    spec = check_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
+    )
     q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
     if spec.heads_q != spec.heads_kv:
         v = v.repeat_interleave(spec.heads_q // spec.heads_kv, dim=-3)
-    probs, lse = _softmax_with_lse(_masked_scores(q, k, attn_mask, spec))
+    mask = attn_mask if spec.has_mask else None
+    probs, lse = _softmax_with_lse(_scores(q, k, mask, alibi_slopes, spec))
     if spec.dropout_p > 0.0:
         keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= spec.dropout_p
         probs = probs.masked_fill(~keep, 0.0) / (1.0 - spec.dropout_p)
@@ -84,8 +102,47 @@ def attention(
     return out
 
 
-def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """softmax(query @ key^T * scale + mask): (..., Hq, L, S) in the input dtype."""
-    spec = check_attention(query, key, None, attn_mask, 0.0, is_causal, scale, enable_gqa)
-    probs, _ = _softmax_with_lse(_masked_scores(_as_4d(query), _as_4d(key), attn_mask, spec))
+def attention_weights(
+    query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
+    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+):
+    """softmax(scores): (..., Hq, L, S) in the input dtype (no dropout)."""
+    spec = check_attention(
+        query, key, None, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
+    )
+    mask = attn_mask if spec.has_mask else None
+    probs, _ = _softmax_with_lse(_scores(_as_4d(query), _as_4d(key), mask, alibi_slopes, spec))
     return probs.reshape(spec.weights_shape)
+
+
+def attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+    dropout_p=0.0, is_causal=False, scale=None, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, return_lse=False, dropout_mask=None,
+):
+    """Packed sequences, one `attention` call per sequence (causal aligned bottom-right,
+    as flash_attn_varlen_func). q (total_q, Hq, E), k (total_k, Hkv, E), v (total_k,
+    Hkv, Ev); alibi_slopes (Hq,) or (num_seqs, Hq); dropout_mask, if given, a list
+    of per-sequence (Hq, L_i, S_i) keep-masks. Returns out (total_q, Hq, Ev) [, lse
+    (Hq, total_q)]."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        qi = q[bounds_q[i]: bounds_q[i + 1]].transpose(0, 1)
+        ki = k[bounds_k[i]: bounds_k[i + 1]].transpose(0, 1)
+        vi = v[bounds_k[i]: bounds_k[i + 1]].transpose(0, 1)
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i]
+        mask = causal_lower_right(qi.shape[1], ki.shape[1]) if is_causal else None
+        out, lse = attention(
+            qi, ki, vi, mask, dropout_p, False, scale, qi.shape[0] != ki.shape[0],
+            window_size=window_size, softcap=softcap, alibi_slopes=slopes, return_lse=True,
+            dropout_mask=None if dropout_mask is None else dropout_mask[i],
+        )
+        outs.append(out.transpose(0, 1))
+        lses.append(lse)
+    out = torch.cat(outs) if outs else v.new_zeros(0, q.shape[1], v.shape[-1])
+    if return_lse:
+        return out, torch.cat(lses, dim=-1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
+    return out

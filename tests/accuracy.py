@@ -44,8 +44,12 @@ def assert_within_rule(name: str, kernel: torch.Tensor, lowp: torch.Tensor, ref:
 def check_against_reference(fn, q, k, v, grad=True, **kwargs):
     """Run fn(q, k, v, **kwargs), and the reference at float64 and at the input dtype,
     on the same inputs; apply the rule to out (and lse with return_lse=True) and,
-    with grad, to dq, dk, dv (the lse, when returned, is part of the loss)."""
+    with grad, to dq, dk, dv (the lse, when returned, is part of the loss) and to the
+    gradient of a float attn_mask that requires grad."""
     with_lse = kwargs.get("return_lse", False)
+    mask = kwargs.get("attn_mask")
+    float_mask = type(mask) is torch.Tensor and mask.is_floating_point()  # not a CausalBias
+    mask_grad = grad and float_mask and mask.requires_grad
     dout = None
     results = {}
     for label, runner, dtype in (
@@ -54,7 +58,11 @@ def check_against_reference(fn, q, k, v, grad=True, **kwargs):
         ("ref", reference.attention, torch.float64),
     ):
         ins = [t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v)]
-        res = runner(*ins, **kwargs)
+        if float_mask:  # the mask in the run's dtype, as SDPA requires
+            kwargs["attn_mask"] = mask.detach().to(dtype).requires_grad_(mask_grad)
+            if mask_grad:
+                ins.append(kwargs["attn_mask"])
+        res = runner(*ins[:3], **kwargs)
         out, lse = res if with_lse else (res, None)
         grads = ()
         if grad:
@@ -71,5 +79,5 @@ def check_against_reference(fn, q, k, v, grad=True, **kwargs):
     if with_lse:
         assert lse_k.dtype == torch.float32
         assert_within_rule("lse", lse_k, lse_l, lse_r)
-    for name, a, b, c in zip(("dq", "dk", "dv"), g_k, g_l, g_r):
+    for name, a, b, c in zip(("dq", "dk", "dv", "dmask"), g_k, g_l, g_r):
         assert_within_rule(name, a, b, c)

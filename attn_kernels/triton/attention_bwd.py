@@ -1,23 +1,26 @@
 """Fused attention backward (FlashAttention-2) in Triton.
 
-Math, in the notation of reference.py (P = softmax(scores), scores = scale * Q K^T):
-    dV    = P^T dO
-    dP    = dO V^T
+Math, in the notation of reference.py (P = softmax(scores), D = dropout keep-mask
+scaled by 1 / (1 - p), or 1 without dropout):
+    dV    = (P * D)^T dO
+    dP    = (dO V^T) * D
     delta = rowsum(dO * O) - dlse           (dlse: gradient reaching the returned lse)
-    dS    = P * (dP - delta)
-    dQ    = scale * dS K,   dK = scale * dS^T Q
+    dS    = P * (dP - delta)                 gradient of the scores, = d(attn_mask) for a float mask
+    dQ    = scale * (dS * c) K,   dK = scale * (dS * c)^T Q
+with c = 1 - tanh^2(scale * q.k / softcap) under softcap, else 1.
 
 Algorithm: P is never stored. It is recomputed tile by tile from Q, K and the
-forward's LSE as exp2(scale * log2(e) * q.k - lse * log2(e)). Three kernels:
-  1. preprocess: delta per query row (BLOCK_M rows per program);
+forward's LSE as exp2(s2 - lse2), with every modifier (tiling.scores_base2) and the
+same Philox dropout mask as the forward. Three kernels:
+  1. preprocess: delta per query row;
   2. dK/dV: one program per (BLOCK_N keys, batch, key/value head), which walks the
      query tiles of every query head of its GQA group, so dK/dV of a shared head
-     are summed in registers: no atomics, deterministic;
+     are summed in registers: no atomics, so the result is bit-identical run to run;
+     it also writes dS when a float mask needs its gradient;
   3. dQ: one program per (BLOCK_M queries, batch, query head), walking key tiles.
-Causal programs skip the tiles that lie wholly above the diagonal.
+Only the tiles inside the causal / window band are visited.
 
-Limits: as the forward (head dims 1..256, any strides, fp16 / bf16 / fp32).
-Rows with lse = -inf (no allowed key) get zero gradients.
+Limits: as the forward. Rows with lse = -inf (no allowed key) get zero gradients.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import LOG2E, dot_precision, forward_blocks, head_block, key_major_blocks, upcast
-from .tiling import lse_base2, split_program_id
+from .launch_config import dot_precision, forward_blocks, head_block, key_major_blocks, upcast
+from .tiling import alibi_slope_log2, dropout_keep, key_range, lse_base2, query_range, scores_base2, sequence_bounds, split_program_id
 
 
 @triton.jit
@@ -35,46 +38,50 @@ def _bwd_preprocess_kernel(
     Out, DO, DLse, Delta,
     stride_oz, stride_oh, stride_om, stride_od,
     stride_dz, stride_dh, stride_dm, stride_dd,
-    H, L, EV,
+    stride_lz, stride_lh,
+    H, L, S, EV,
+    CuSeqQ, CuSeqK,
     HAS_DLSE: tl.constexpr,
+    VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    start_m, off_zh, off_z, off_h, _ = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, 1)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    block_m, off_zh, off_z, off_h, _ = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, 1)
+    q_start, _, seq_len_q, _, _, _ = sequence_bounds(CuSeqQ, CuSeqK, off_z, L, S, 0, 0, VARLEN)
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < L) & (offs_dv[None, :] < EV)
-    o = tl.load(Out + off_z * stride_oz + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                mask=mask, other=0.0)
-    do = tl.load(DO + off_z * stride_dz + off_h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                 mask=mask, other=0.0)
+    rows_ok = offs_m < seq_len_q
+    mask = rows_ok[:, None] & (offs_dv[None, :] < EV)
+    Out += off_z * stride_oz + off_h * stride_oh + q_start * stride_om
+    DO += off_z * stride_dz + off_h * stride_dh + q_start * stride_dm
+    o = tl.load(Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = off_zh.to(tl.int64) * L + offs_m
+    row = off_z * stride_lz + off_h * stride_lh + q_start + offs_m
     if HAS_DLSE:
-        delta -= tl.load(DLse + row, mask=offs_m < L, other=0.0)
-    tl.store(Delta + row, delta, mask=offs_m < L)
-
-
-@triton.jit
-def _load_row_stats(Lse, Delta, row, rows_ok):
-    """Base-2 lse and delta of some query rows."""
-    lse2 = lse_base2(tl.load(Lse + row, mask=rows_ok, other=0.0))
-    delta = tl.load(Delta + row, mask=rows_ok, other=0.0)
-    return lse2, delta
+        delta -= tl.load(DLse + row, mask=rows_ok, other=0.0)
+    tl.store(Delta + row, delta, mask=rows_ok)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta,
+    Q, K, V, DO, DK, DV, Lse, Delta, DS,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_dz, stride_dh, stride_dm, stride_dd,
     stride_dkz, stride_dkh, stride_dkn, stride_dkd,
     stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+    stride_lz, stride_lh,
     HKV, GROUP, L, S, E, EV,
     qk_scale, sm_scale,
-    IS_CAUSAL: tl.constexpr,
+    Mask, stride_mz, stride_mh, stride_mm, stride_mn,
+    Alibi, stride_az, stride_ah,
+    Seed, dropout_p, softcap_scale, softcap_log2e, band_lo, band_hi,
+    CuSeqQ, CuSeqK,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    STORE_DS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -84,18 +91,27 @@ def _bwd_dkdv_kernel(
 ):
     # program -> (key block, batch, key/value head)
     block_n, _, off_z, off_hkv, _ = split_program_id(tl.program_id(0), tl.cdiv(S, BLOCK_N), HKV, 1)
-    start_n = block_n * BLOCK_N
+    q_start, k_start, seq_len_q, seq_len_k, band_lo, band_hi = sequence_bounds(
+        CuSeqQ, CuSeqK, off_z, L, S, band_lo, band_hi, VARLEN)
+    n0 = block_n * BLOCK_N
+    if n0 >= seq_len_k:
+        return
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < S
+    col_ok = offs_n < seq_len_k
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
 
     # this program's K and V tiles stay in registers for the whole walk
-    k = tl.load(K + off_z * stride_kz + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    K += off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
+    V += off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < E), other=0.0)
-    v = tl.load(V + off_z * stride_vz + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=col_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -103,44 +119,60 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # causal: query rows above start_n see none of these keys
-    if IS_CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
+    # only the query tiles inside the causal / window band
+    lo, hi = query_range(n0, seq_len_q, band_lo, band_hi, BAND_LO, BAND_HI, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
-        qt_ptrs = Q + off_z * stride_qz + off_h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
-        do_ptrs = DO + off_z * stride_dz + off_h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd
-        row0 = (off_z * HKV * GROUP + off_h) * L
-        for start_m in range(lo, L, BLOCK_M):
+        off_zh = off_z * HKV * GROUP + off_h
+        q_base = Q + off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+        do_base = DO + off_z * stride_dz + off_h * stride_dh + q_start * stride_dm
+        row_base = off_z * stride_lz + off_h * stride_lh + q_start
+        mask_base = Mask + off_z * stride_mz + off_h * stride_mh
+        alibi_log2e = alibi_slope_log2(Alibi, off_z, off_h, stride_az, stride_ah, HAS_ALIBI)
+        for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
-            rows_ok = rows < L
-            qt = tl.load(qt_ptrs + start_m * stride_qm, mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs + start_m * stride_dm, mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
+            rows_ok = rows < seq_len_q
+            qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                         mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
             if UPCAST:
                 qt = qt.to(tl.float32)
                 do = do.to(tl.float32)
-            lse2, delta = _load_row_stats(Lse, Delta, row0 + rows, rows_ok)
-            # recompute P^T for this tile from the saved LSE
-            pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
-            keep = col_ok[:, None] & rows_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (rows[None, :] >= offs_n[:, None])
-            pt = tl.where(keep, pt, 0.0)
-            # dV += P^T dO
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            # dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+            lse2 = lse_base2(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
+            delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+            # recompute P^T for this (keys, queries) tile from the saved LSE
+            st, tt = scores_base2(
+                tl.dot(k, qt, input_precision=DOT_PRECISION), rows, offs_n, seq_len_q, seq_len_k,
+                qk_scale, softcap_scale, softcap_log2e, mask_base, stride_mm, stride_mn, alibi_log2e,
+                band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, True)
+            pt = tl.math.exp2(st - lse2[None, :])
+            # dP^T = V dO^T
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            pt_dropped = pt
+            if DROPOUT:
+                keep = dropout_keep(seed, off_zh, rows, offs_n, L, S, dropout_p, True)
+                pt_dropped = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+                dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+            # dV += (P * D)^T dO
+            dv += tl.dot(pt_dropped.to(do.dtype), do, input_precision=DOT_PRECISION)
+            # dS^T = P^T * (dP^T - delta)
             dst = pt * (dpt - delta[None, :])
+            if STORE_DS:
+                ds_ptrs = DS + off_zh * L * S + rows[None, :] * S + offs_n[:, None]
+                tl.store(ds_ptrs, dst, mask=col_ok[:, None] & rows_ok[None, :])
+            if SOFTCAP:
+                dst = dst * (1.0 - tt * tt)
             # dK += dS^T Q (scale applied once at the end)
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
     dk *= sm_scale
-    dk_ptrs = DK + off_z * stride_dkz + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < E))
-    dv_ptrs = DV + off_z * stride_dvz + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < EV))
+    DK += off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn
+    DV += off_z * stride_dvz + off_hkv * stride_dvh + k_start * stride_dvn
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < E))
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < EV))
 
 
 @triton.jit
@@ -151,9 +183,15 @@ def _bwd_dq_kernel(
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_dz, stride_dh, stride_dm, stride_dd,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+    stride_lz, stride_lh,
     H, GROUP, L, S, E, EV,
     qk_scale, sm_scale,
-    IS_CAUSAL: tl.constexpr,
+    Mask, stride_mz, stride_mh, stride_mm, stride_mn,
+    Alibi, stride_az, stride_ah,
+    Seed, dropout_p, softcap_scale, softcap_log2e, band_lo, band_hi,
+    CuSeqQ, CuSeqK,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -162,111 +200,129 @@ def _bwd_dq_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     # program -> (query block, batch, query head, key/value head), as in the forward
-    start_m, off_zh, off_z, off_h, off_hkv = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, GROUP)
+    block_m, off_zh, off_z, off_h, off_hkv = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, GROUP)
+    q_start, k_start, seq_len_q, seq_len_k, band_lo, band_hi = sequence_bounds(
+        CuSeqQ, CuSeqK, off_z, L, S, band_lo, band_hi, VARLEN)
+    m0 = block_m * BLOCK_M
+    if m0 >= seq_len_q:
+        return
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    rows_ok = offs_m < L
+    rows_ok = offs_m < seq_len_q
+    Q += off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+    DO += off_z * stride_dz + off_h * stride_dh + q_start * stride_dm
+    K += off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
+    V += off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
+    Mask += off_z * stride_mz + off_h * stride_mh
+    alibi_log2e = alibi_slope_log2(Alibi, off_z, off_h, stride_az, stride_ah, HAS_ALIBI)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
 
-    q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=rows_ok[:, None] & (offs_d[None, :] < E), other=0.0)
-    do = tl.load(DO + off_z * stride_dz + off_h * stride_dh + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+    do = tl.load(DO + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
                  mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2, delta = _load_row_stats(Lse, Delta, off_zh.to(tl.int64) * L + offs_m, rows_ok)
-    kt_ptrs = K + off_z * stride_kz + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    vt_ptrs = V + off_z * stride_vz + off_hkv * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd
+    row = off_z * stride_lz + off_h * stride_lh + q_start + offs_m
+    lse2 = lse_base2(tl.load(Lse + row, mask=rows_ok, other=0.0))
+    delta = tl.load(Delta + row, mask=rows_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # causal: key tiles right of this block's last row are fully masked, skip them
-    if IS_CAUSAL:
-        hi = tl.minimum(S, (start_m + 1) * BLOCK_M)
-    else:
-        hi = S
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = key_range(m0, seq_len_k, band_lo, band_hi, BAND_LO, BAND_HI, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kt = tl.load(kt_ptrs + start_n * stride_kn, mask=(offs_d[:, None] < E) & (cols[None, :] < S), other=0.0)
-        vt = tl.load(vt_ptrs + start_n * stride_vn, mask=(offs_dv[:, None] < EV) & (cols[None, :] < S), other=0.0)
+        kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
+        vt = tl.load(V + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=(offs_dv[:, None] < EV) & (cols[None, :] < seq_len_k), other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
         # recompute P for this tile from the saved LSE
-        p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
-        keep = rows_ok[:, None] & (cols[None, :] < S)
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(keep, p, 0.0)
-        # dS = P * (dO V^T - delta); dQ += dS K
-        ds = p * (tl.dot(do, vt, input_precision=DOT_PRECISION) - delta[:, None])
+        s, t = scores_base2(
+            tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seq_len_q, seq_len_k,
+            qk_scale, softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, alibi_log2e, band_lo, band_hi,
+            MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, False)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, off_zh, offs_m, cols, L, S, dropout_p, False)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        # dS = P * (dP - delta); dQ += dS K
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
     dq *= sm_scale
-    dq_ptrs = DQ + off_z * stride_dqz + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < E))
+    DQ += off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=rows_ok[:, None] & (offs_d[None, :] < E))
 
 
-def attention_bwd(do, q, k, v, out, lse, dlse, is_causal: bool, scale: float):
-    """Gradients of `attention_fwd`.
+def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
+    """Launch the three backward kernels on (Z, H, N, D)-strided views.
 
-    do, out (Z, Hq, L, Ev); q (Z, Hq, L, E); k (Z, Hkv, S, E); v (Z, Hkv, S, Ev);
-    lse (Z, Hq, L) float32 from the forward; dlse (Z, Hq, L) or None.
-    Returns dq, dk, dv shaped and typed like q, k, v (dk/dv summed over each GQA group).
+    do, out (Z, Hq, *, Ev); q (Z, Hq, *, E); k (Z, Hkv, *, E); v (Z, Hkv, *, Ev); lse
+    and dlse (or None) laid out as shape.lse_strides; dq, dk, dv allocated by the
+    caller (`launch.py`) and written here (dk/dv summed over each GQA group); ds, a
+    float32 (Z, Hq, L, S) buffer or None, receives dS (the gradient of a float mask).
     """
-    Z, H, L, E = q.shape
-    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[-1]
-    dq = torch.zeros(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.zeros(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.zeros(v.shape, device=v.device, dtype=v.dtype)
-    if Z * H == 0 or L == 0 or S == 0:
-        return dq, dk, dv
     common = dict(
         UPCAST=upcast(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_D=head_block(E),
-        BLOCK_DV=head_block(Ev),
+        BLOCK_D=head_block(shape.E),
+        BLOCK_DV=head_block(shape.Ev),
     )
-    qk_scale = scale * LOG2E
+    sizes = (shape.L, shape.S, shape.E, shape.Ev)
+    varlen_args = mods.args[-2:]  # cu_seqlens_q, cu_seqlens_k
 
-    delta = torch.empty((Z, H, L), device=q.device, dtype=torch.float32)
-    pre = forward_blocks(max(E, Ev), q.dtype)
-    _bwd_preprocess_kernel[(triton.cdiv(L, pre.BLOCK_M) * Z * H,)](
+    delta = torch.empty_like(lse)
+    pre = forward_blocks(max(shape.E, shape.Ev), q.dtype)
+    _bwd_preprocess_kernel[(triton.cdiv(shape.L, pre.BLOCK_M) * shape.Z * shape.H,)](
         out, do, dlse if dlse is not None else lse, delta,
-        *out.stride(), *do.stride(),
-        H, L, Ev,
+        *out.stride(), *do.stride(), *shape.lse_strides,
+        shape.H, shape.L, shape.S, shape.Ev,
+        *varlen_args,
         HAS_DLSE=dlse is not None,
+        VARLEN=mods.constexprs["VARLEN"],
         BLOCK_M=pre.BLOCK_M,
         BLOCK_DV=common["BLOCK_DV"],
     )
 
-    kv = key_major_blocks(max(E, Ev), q.dtype)
-    _bwd_dkdv_kernel[(triton.cdiv(S, kv.BLOCK_N) * Z * Hkv,)](
-        q, k, v, do, dk, dv, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        Hkv, H // Hkv, L, S, E, Ev,
-        qk_scale, scale,
-        IS_CAUSAL=is_causal,
+    kv = key_major_blocks(max(shape.E, shape.Ev), q.dtype)
+    _bwd_dkdv_kernel[(triton.cdiv(shape.S, kv.BLOCK_N) * shape.Z * shape.Hkv,)](
+        q, k, v, do, dk, dv, lse, delta, ds if ds is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *shape.lse_strides,
+        shape.Hkv, shape.group, *sizes,
+        mods.qk_scale, mods.scale,
+        *mods.args,
+        STORE_DS=ds is not None,
         BLOCK_M=kv.BLOCK_M,
         BLOCK_N=kv.BLOCK_N,
         num_warps=kv.num_warps,
         num_stages=kv.num_stages,
+        **mods.constexprs,
         **common,
     )
 
-    qm = forward_blocks(max(E, Ev), q.dtype)
-    _bwd_dq_kernel[(triton.cdiv(L, qm.BLOCK_M) * Z * H,)](
+    qm = forward_blocks(max(shape.E, shape.Ev), q.dtype)
+    _bwd_dq_kernel[(triton.cdiv(shape.L, qm.BLOCK_M) * shape.Z * shape.H,)](
         q, k, v, do, dq, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // Hkv, L, S, E, Ev,
-        qk_scale, scale,
-        IS_CAUSAL=is_causal,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *shape.lse_strides,
+        shape.H, shape.group, *sizes,
+        mods.qk_scale, mods.scale,
+        *mods.args,
         BLOCK_M=qm.BLOCK_M,
         BLOCK_N=qm.BLOCK_N,
         num_warps=qm.num_warps,
         num_stages=qm.num_stages,
+        **mods.constexprs,
         **common,
     )
-    return dq, dk, dv

@@ -1,23 +1,23 @@
-"""Attention probabilities P = softmax(scale * Q K^T) in Triton, from the forward's LSE.
+"""Attention probabilities P = softmax(scores) in Triton, from the forward's LSE.
 
-Math, in the notation of reference.py: P[i, j] = exp(scores[i, j] - lse[i]), with
-causal-masked entries (and every entry of a row whose lse is -inf) equal to 0.
+Math, in the notation of reference.py: P[i, j] = exp(scores[i, j] - lse[i]) with the
+modifiers of tiling.py (softcap, ALiBi, mask, causal / window band); masked entries,
+and every entry of a row whose lse is -inf, are 0. No dropout: these are the
+weights before it.
 
-Algorithm: the forward kernel runs without V to produce the LSE (O(L) memory);
-then one program per (BLOCK_M queries, BLOCK_N keys, batch, head) recomputes its
-tile of scores and writes exp2(s * log2(e) - lse * log2(e)). This is what users
-inspect; it writes L x S values, so it is for looking at, not for long sequences.
+Algorithm: the forward kernel runs without V to produce the LSE (O(L) memory); then
+one program per (BLOCK_M queries, BLOCK_N keys, batch, head) recomputes its tile of
+scores and writes exp2(s2 - lse2). It writes L x S values: it is for looking at what
+a model attends to, not for long sequences.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import attention_fwd
-from .launch_config import LOG2E, dot_precision, forward_blocks, head_block, upcast
-from .tiling import lse_base2, split_program_id
+from .launch_config import dot_precision, forward_blocks, head_block, upcast
+from .tiling import alibi_slope_log2, lse_base2, scores_base2, split_program_id
 
 
 @triton.jit
@@ -26,9 +26,15 @@ def _attn_weights_kernel(
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_pz, stride_ph, stride_pm, stride_pn,
+    stride_lz, stride_lh,
     H, GROUP, L, S, E,
     qk_scale,
-    IS_CAUSAL: tl.constexpr,
+    Mask, stride_mz, stride_mh, stride_mm, stride_mn,
+    Alibi, stride_az, stride_ah,
+    Seed, dropout_p, softcap_scale, softcap_log2e, band_lo, band_hi,
+    CuSeqQ, CuSeqK,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -38,14 +44,12 @@ def _attn_weights_kernel(
     # program -> (key block, query block, batch, head, key/value head)
     num_n = tl.cdiv(S, BLOCK_N)
     block, off_zh, off_z, off_h, off_hkv = split_program_id(tl.program_id(0), num_n * tl.cdiv(L, BLOCK_M), H, GROUP)
-    start_n = (block % num_n) * BLOCK_N
-    start_m = (block // num_n) * BLOCK_M
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n = (block % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (block // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < L
     cols_ok = offs_n < S
+    alibi_log2e = alibi_slope_log2(Alibi, off_z, off_h, stride_az, stride_ah, HAS_ALIBI)
 
     q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=rows_ok[:, None] & (offs_d[None, :] < E), other=0.0)
@@ -54,35 +58,32 @@ def _attn_weights_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
-    lse2 = lse_base2(tl.load(Lse + off_zh.to(tl.int64) * L + offs_m, mask=rows_ok, other=0.0))
-    p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
-    if IS_CAUSAL:
-        p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+    lse2 = lse_base2(tl.load(Lse + off_z * stride_lz + off_h * stride_lh + offs_m, mask=rows_ok, other=0.0))
+    s, _ = scores_base2(
+        tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, offs_n, L, S,
+        qk_scale, softcap_scale, softcap_log2e, Mask + off_z * stride_mz + off_h * stride_mh, stride_mm, stride_mn,
+        alibi_log2e, band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, False)
+    p = tl.math.exp2(s - lse2[:, None])
     p_ptrs = P + off_z * stride_pz + off_h * stride_ph + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
     tl.store(p_ptrs, p.to(P.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
-    """q (Z, Hq, L, E), k (Z, Hkv, S, E) -> probabilities (Z, Hq, L, S) in q.dtype."""
-    Z, H, L, E = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    probs = torch.zeros((Z, H, L, S), device=q.device, dtype=q.dtype)
-    if probs.numel() == 0:
-        return probs
-    _, lse = attention_fwd(q, k, None, is_causal, scale)
-    blocks = forward_blocks(E, q.dtype)
-    grid = (triton.cdiv(L, blocks.BLOCK_M) * triton.cdiv(S, blocks.BLOCK_N) * Z * H,)
+def attention_weights(q, k, lse, probs, shape, mods):
+    """Launch on (Z, H, N, D) views: q (Z, Hq, L, E), k (Z, Hkv, S, E), lse from the
+    forward, probs (Z, Hq, L, S) allocated by the caller (`launch.py`)."""
+    blocks = forward_blocks(shape.E, q.dtype)
+    grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * triton.cdiv(shape.S, blocks.BLOCK_N) * shape.Z * shape.H,)
     _attn_weights_kernel[grid](
         q, k, lse, probs,
-        *q.stride(), *k.stride(), *probs.stride(),
-        H, H // Hkv, L, S, E,
-        scale * LOG2E,
-        IS_CAUSAL=is_causal,
+        *q.stride(), *k.stride(), *probs.stride(), *shape.lse_strides,
+        shape.H, shape.group, shape.L, shape.S, shape.E,
+        mods.qk_scale,
+        *mods.args,
         UPCAST=upcast(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=blocks.BLOCK_M,
         BLOCK_N=blocks.BLOCK_N,
-        BLOCK_D=head_block(E),
+        BLOCK_D=head_block(shape.E),
         num_warps=blocks.num_warps,
+        **mods.constexprs,
     )
-    return probs

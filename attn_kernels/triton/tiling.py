@@ -1,5 +1,16 @@
 """@triton.jit helpers shared by the attention kernels: which tile a program owns,
-and how the backward kernels read the forward's LSE."""
+which keys a query may see, and the score of one tile with every modifier applied.
+
+Score of query i and key j, in the notation of reference.py, before the softmax:
+    s = scale * q_i . k_j
+    s = softcap * tanh(s / softcap)                    if SOFTCAP
+    s = s - slope_h * |i + S - L - j|                  if HAS_ALIBI (FlashAttention's ALiBi)
+    s = s + mask[i, j]                                 if MASK_KIND == 2 (additive float)
+    s = -inf where  mask[i, j] is False                if MASK_KIND == 1 (boolean)
+                    j - i < band_lo                    if BAND_LO (left edge of a window)
+                    j - i > band_hi                    if BAND_HI (causal, right edge of a window)
+Kernels keep s in base 2 (times log2(e)) so that every exponential is one exp2.
+"""
 
 import triton
 import triton.language as tl
@@ -28,3 +39,117 @@ def lse_base2(lse):
     """The forward's natural-log LSE in base 2, for recomputing P = exp2(s2 - lse2).
     lse = -inf (a row with no allowed key) becomes +inf, so its P is 0, not NaN."""
     return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+
+
+@triton.jit
+def key_range(start_m, S, band_lo, band_hi, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) that queries start_m .. start_m + BLOCK_M - 1 may see; lo is
+    BLOCK_N-aligned. Tiles outside it are wholly masked and never loaded."""
+    lo = 0
+    hi = S
+    if BAND_LO:
+        lo = tl.maximum(start_m + band_lo, 0) // BLOCK_N * BLOCK_N
+    if BAND_HI:
+        hi = tl.minimum(S, start_m + BLOCK_M + band_hi)
+    return lo, hi
+
+
+@triton.jit
+def query_range(start_n, L, band_lo, band_hi, BAND_LO: tl.constexpr, BAND_HI: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Queries [lo, hi) that may see keys start_n .. start_n + BLOCK_N - 1; lo is
+    BLOCK_M-aligned."""
+    lo = 0
+    hi = L
+    if BAND_HI:
+        lo = tl.maximum(start_n - band_hi, 0) // BLOCK_M * BLOCK_M
+    if BAND_LO:
+        hi = tl.minimum(L, start_n + BLOCK_N - band_lo)
+    return lo, hi
+
+
+@triton.jit
+def _grid(rows, cols, TRANSPOSED: tl.constexpr):
+    """Broadcast 1-D query rows and key cols to a (queries, keys) tile, or to a
+    (keys, queries) tile when TRANSPOSED (the dK/dV kernel's orientation)."""
+    if TRANSPOSED:
+        return rows[None, :], cols[:, None]
+    else:
+        return rows[:, None], cols[None, :]
+
+
+@triton.jit
+def _tanh(x):
+    # tl.math has no tanh on every triton we support; this form saturates cleanly at +-1
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
+
+
+@triton.jit
+def scores_base2(
+    qk, rows, cols, L, S,
+    qk_scale, softcap_scale, softcap_log2e,
+    Mask, stride_mm, stride_mn,
+    alibi_log2e, band_lo, band_hi,
+    MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, TRANSPOSED: tl.constexpr,
+):
+    """Base-2 scores of a tile of raw dot products qk, -inf where masked (see the module
+    docstring). Mask points at this (batch, head)'s mask plane. Also returns
+    tanh(s / softcap), which the backward needs (qk itself when not SOFTCAP)."""
+    r, c = _grid(rows, cols, TRANSPOSED)
+    if SOFTCAP:
+        t = _tanh(qk * softcap_scale)
+        s = t * softcap_log2e
+    else:
+        t = qk
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        s -= alibi_log2e * tl.abs(r + (S - L) - c).to(tl.float32)
+    keep = (r < L) & (c < S)
+    if BAND_LO:
+        keep = keep & (c - r >= band_lo)
+    if BAND_HI:
+        keep = keep & (c - r <= band_hi)
+    if MASK_KIND == 1:
+        allowed = tl.load(Mask + r * stride_mm + c * stride_mn, mask=keep, other=0)
+        keep = keep & (allowed != 0)
+    if MASK_KIND == 2:
+        s += tl.load(Mask + r * stride_mm + c * stride_mn, mask=keep, other=0.0).to(tl.float32) * _LOG2E
+    return tl.where(keep, s, float("-inf")), t
+
+
+@triton.jit
+def dropout_keep(seed, off_zh, rows, cols, L_MAX, S_MAX, dropout_p, TRANSPOSED: tl.constexpr):
+    """Philox keep-mask of a tile: element (z, h, i, j) is kept iff its uniform draw is
+    >= dropout_p. Counters are unique per element (sized by the largest L, S), so
+    every kernel, in either orientation, regenerates the same mask."""
+    r, c = _grid(rows, cols, TRANSPOSED)
+    offsets = (off_zh.to(tl.int64) * L_MAX + r) * S_MAX + c
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def sequence_bounds(CuSeqQ, CuSeqK, off_z, L, S, band_lo, band_hi, VARLEN: tl.constexpr):
+    """Where sequence z starts in the packed q and k, its lengths, and its band.
+
+    Padded batches: every sequence starts at 0 with lengths L, S and the band offsets
+    are absolute. Packed (VARLEN) batches: the cu_seqlens prefix sums give both, and
+    the band offsets are relative to the bottom-right diagonal (j - i = S_z - L_z)."""
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + off_z)
+        k_start = tl.load(CuSeqK + off_z)
+        seq_len_q = tl.load(CuSeqQ + off_z + 1) - q_start
+        seq_len_k = tl.load(CuSeqK + off_z + 1) - k_start
+        return q_start, k_start, seq_len_q, seq_len_k, band_lo + seq_len_k - seq_len_q, band_hi + seq_len_k - seq_len_q
+    else:
+        return 0, 0, L, S, band_lo, band_hi
+
+
+@triton.jit
+def alibi_slope_log2(Alibi, off_z, off_h, stride_az, stride_ah, HAS_ALIBI: tl.constexpr):
+    """ALiBi slope of (batch z, head h) times log2(e), or 0 without ALiBi."""
+    if HAS_ALIBI:
+        return tl.load(Alibi + off_z * stride_az + off_h * stride_ah).to(tl.float32) * _LOG2E
+    else:
+        return 0.0
