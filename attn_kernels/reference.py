@@ -17,6 +17,8 @@ use it for checking and for CPU tensors, not for long sequences on a GPU.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ._checks import AttentionSpec, check_attention
@@ -125,7 +127,7 @@ def attention_varlen(
     Hkv, Ev); alibi_slopes (Hq,) or (num_seqs, Hq); dropout_mask, if given, a list
     of per-sequence (Hq, L_i, S_i) keep-masks. Returns out (total_q, Hq, Ev) [, lse
     (Hq, total_q)]."""
-    from torch.nn.attention.bias import causal_lower_right
+    from torch.nn.attention.bias import CausalBias, CausalVariant
 
     outs, lses = [], []
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -134,7 +136,11 @@ def attention_varlen(
         ki = k[bounds_k[i]: bounds_k[i + 1]].transpose(0, 1)
         vi = v[bounds_k[i]: bounds_k[i + 1]].transpose(0, 1)
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i]
-        mask = causal_lower_right(qi.shape[1], ki.shape[1]) if is_causal else None
+        mask = None
+        if is_causal:
+            with warnings.catch_warnings():  # it warns of NaN rows when L > S; ours are zeros
+                warnings.simplefilter("ignore")
+                mask = CausalBias(CausalVariant.LOWER_RIGHT, qi.shape[1], ki.shape[1])
         out, lse = attention(
             qi, ki, vi, mask, dropout_p, False, scale, qi.shape[0] != ki.shape[0],
             window_size=window_size, softcap=softcap, alibi_slopes=slopes, return_lse=True,

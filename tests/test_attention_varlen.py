@@ -1,0 +1,118 @@
+"""Packed variable-length batches (`fused_attention_varlen`, pack / unpack): against
+the float64 reference per sequence and against per-sequence `fused_attention`."""
+
+import pytest
+import torch
+from accuracy import assert_within_rule
+from conftest import DEVICE
+from test_attention_fwd import BF16, FP16, FP32
+
+from attn_kernels import dropout_keep_mask, fused_attention, fused_attention_varlen, pack, reference, unpack
+from attn_kernels.ops import _draw_seed  # noqa: F401  (the generator use dropout replays)
+
+
+def packed_inputs(lengths_q, lengths_k, hq, hkv, e, ev, dtype):
+    total_q, total_k = sum(lengths_q), sum(lengths_k)
+    q = torch.randn(total_q, hq, e, device=DEVICE, dtype=dtype)
+    k = torch.randn(total_k, hkv, e, device=DEVICE, dtype=dtype)
+    v = torch.randn(total_k, hkv, ev, device=DEVICE, dtype=dtype)
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)  # noqa: E731
+    return q, k, v, cu(lengths_q), cu(lengths_k), max(lengths_q), max(lengths_k)
+
+
+def check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+    dout = torch.randn(q.shape[0], q.shape[1], v.shape[-1], device=DEVICE, dtype=torch.float64)
+    results = []
+    for runner, dtype in ((lambda *a, **kw: fused_attention_varlen(*a, backend="triton", **kw), q.dtype),
+                          (reference.attention_varlen, q.dtype), (reference.attention_varlen, torch.float64)):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = runner(*ins, cu_q, cu_k, max_q, max_k, return_lse=True, **kwargs)
+        grads = torch.autograd.grad((out * dout.to(dtype)).sum(), ins) if out.numel() else (None,) * 3
+        results.append((out, lse, *grads))
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        if results[0][i] is not None:
+            assert_within_rule(name, *(r[i] for r in results))
+
+
+@pytest.mark.parametrize(
+    "lengths_q,lengths_k,hq,hkv,causal,dtype",
+    [
+        ([5, 17, 1, 64], [9, 17, 30, 64], 4, 2, True, FP32),
+        ([100, 3, 0, 40], [50, 3, 7, 129], 2, 2, False, FP16),
+        ([33, 70], [33, 20], 4, 1, True, BF16),  # L > S: bottom-right causal leaves rows empty
+    ],
+)
+def test_varlen_matches_reference(lengths_q, lengths_k, hq, hkv, causal, dtype):
+    check_varlen(*packed_inputs(lengths_q, lengths_k, hq, hkv, 32, 24, dtype), is_causal=causal)
+
+
+def test_varlen_with_window_softcap_alibi():
+    inputs = packed_inputs([20, 64, 7], [30, 64, 40], 4, 2, 16, 16, FP32)
+    check_varlen(*inputs, is_causal=True, window_size=(12, 0), softcap=4.0, alibi_slopes=torch.rand(3, 4, device=DEVICE))
+
+
+def test_varlen_equals_per_sequence_calls():
+    lengths_q, lengths_k = [12, 40, 1], [12, 55, 9]
+    q, k, v, cu_q, cu_k, max_q, max_k = packed_inputs(lengths_q, lengths_k, 4, 2, 32, 32, FP32)
+    out = fused_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True, backend="triton")
+    for i in range(3):
+        sl_q, sl_k = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        from torch.nn.attention.bias import causal_lower_right
+
+        one = fused_attention(q[sl_q].transpose(0, 1), k[sl_k].transpose(0, 1), v[sl_k].transpose(0, 1),
+                              attn_mask=causal_lower_right(lengths_q[i], lengths_k[i]), enable_gqa=True,
+                              backend="triton")
+        torch.testing.assert_close(out[sl_q], one.transpose(0, 1), atol=1e-6, rtol=0)
+
+
+def test_varlen_dropout_replays_with_the_padded_keep_mask():
+    lengths = [20, 7, 33]
+    q, k, v, cu_q, cu_k, max_q, max_k = packed_inputs(lengths, lengths, 2, 2, 16, 16, FP32)
+    torch.manual_seed(5)
+    out = fused_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.25, backend="triton")
+    # the packed kernels draw per (sequence, head, i, j) as a padded (B, H, max_q, max_k) call would
+    torch.manual_seed(5)
+    keep = dropout_keep_mask(torch.empty(3, 2, max_q, 16, device=DEVICE), torch.empty(3, 2, max_k, 16, device=DEVICE),
+                             0.25, backend="triton")
+    masks = [keep[i, :, :n, :n] for i, n in enumerate(lengths)]
+    ref = reference.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.25, dropout_mask=masks)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+
+
+def test_pack_unpack_round_trip():
+    x = torch.randn(3, 10, 2, 4)
+    packed, cu, max_len = pack(x, [4, 0, 10])
+    assert packed.shape == (14, 2, 4) and cu.tolist() == [0, 4, 4, 14] and max_len == 10
+    back = unpack(packed, cu, 10)
+    assert torch.equal(back[0, :4], x[0, :4]) and torch.equal(back[2], x[2])
+    assert torch.equal(back[1], torch.zeros_like(back[1])) and torch.equal(back[0, 4:], torch.zeros_like(back[0, 4:]))
+
+
+def test_padded_batch_through_pack_equals_key_padding_mask():
+    B, L, H, D = 3, 20, 2, 16
+    lengths = torch.tensor([20, 5, 13])
+    x = torch.randn(B, L, H, D, device=DEVICE)
+    packed, cu, max_len = pack(x, lengths)
+    out = unpack(fused_attention_varlen(packed, packed, packed, cu, cu, max_len, max_len, backend="triton"), cu, L)
+    pad = torch.arange(L)[None, :] < lengths[:, None]
+    masked = fused_attention(*(x.transpose(1, 2),) * 3, attn_mask=pad[:, None, None, :].to(DEVICE), backend="triton")
+    valid = pad.to(DEVICE)
+    torch.testing.assert_close(out[valid], masked.transpose(1, 2)[valid], atol=1e-6, rtol=0)
+
+
+BAD = [
+    (lambda q, k, v, cu: (q[0], k, v, cu, cu, 8, 8), ValueError, "packed"),
+    (lambda q, k, v, cu: (q, k, v, cu.long(), cu, 8, 8), TypeError, "int32"),
+    (lambda q, k, v, cu: (q, k, v, cu + 1, cu, 8, 8), ValueError, "start at 0"),
+    (lambda q, k, v, cu: (q, k, v, cu, cu, 3, 8), ValueError, "max_seqlen"),
+    (lambda q, k, v, cu: (q, k, v, cu, cu[:2], 8, 8), ValueError, "cu_seqlens_k"),
+    (lambda q, k, v, cu: (q, k.repeat(1, 2, 1)[:, :3], v.repeat(1, 2, 1)[:, :3], cu, cu, 8, 8), ValueError, "multiple"),
+]
+
+
+@pytest.mark.parametrize("make,exc,words", BAD, ids=[w for _, _, w in BAD])
+def test_bad_varlen_input(make, exc, words):
+    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    with pytest.raises(exc, match=words):
+        fused_attention_varlen(*make(q, k, v, cu))
