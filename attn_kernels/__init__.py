@@ -7,6 +7,7 @@ from .api import (
     dropout_keep_mask,
     fused_attention,
     fused_attention_varlen,
+    fused_attention_with_kvcache,
 )
 from .packing import pack, unpack
 
@@ -15,6 +16,7 @@ __version__ = "0.2.0"
 __all__ = [
     "fused_attention",
     "fused_attention_varlen",
+    "fused_attention_with_kvcache",
     "attention_weights",
     "dropout_keep_mask",
     "available_backends",

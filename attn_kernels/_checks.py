@@ -320,3 +320,122 @@ def check_varlen(
         scale=check_scale(scale, q.shape[2]), is_causal=is_causal, dropout_p=float(dropout_p), has_mask=False,
         window=tuple(window_size), softcap=float(softcap), has_alibi=alibi_slopes is not None,
     )
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """A decoding call: q (B, Lq, Hq, E) against a cache of Hkv heads, contiguous
+    (B, S_max, Hkv, *) or paged (num_blocks, block_size, Hkv, *)."""
+
+    batch: int
+    len_q: int
+    heads_q: int
+    heads_kv: int
+    dim_qk: int
+    dim_v: int
+    capacity: int  # keys a batch row can hold: S_max, or max_blocks * block_size
+    paged: bool
+    len_new: int
+    max_keys: int  # the longest key range after the append
+    scale: float
+    is_causal: bool
+    window: tuple
+    softcap: float
+    num_splits: int
+    dtype: torch.dtype
+    device: torch.device
+    # the AttentionSpec fields that backend selection reads
+    has_mask: bool = False
+    dropout_p: float = 0.0
+
+
+def _check_shape(name: str, t, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_kvcache(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, is_causal, window_size, softcap,
+    alibi_slopes, num_splits,
+) -> tuple:
+    """Validate a `fused_attention_with_kvcache` call before anything runs (this reads
+    cache_seqlens and block_table on the host once). Returns (KVCacheSpec, cache_seqlens
+    as an int32 tensor of shape (B,))."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, k_new, v_new) if t is not None):
+        raise RuntimeError("fused_attention_with_kvcache is forward only (inference): call it under torch.no_grad() "
+                           "or with tensors that do not require grad")
+    B, len_q, heads_q, dim_qk = q.shape
+    heads_kv, dim_v = k_cache.shape[2], v_cache.shape[3]
+    _check_shape("v_cache", v_cache, (*k_cache.shape[:3], dim_v))
+    if k_cache.shape[3] != dim_qk:
+        raise ValueError(f"k_cache head dim ({k_cache.shape[3]}) must equal q's ({dim_qk})")
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"q heads ({heads_q}) must be a multiple of the cache's key/value heads ({heads_kv})")
+
+    paged = block_table is not None
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+            raise TypeError("block_table must be an int32 tensor (B, max_blocks)")
+        if block_table.shape[0] != B or block_table.device != q.device:
+            raise ValueError(f"block_table must have {B} rows on {q.device}, got {tuple(block_table.shape)} on {block_table.device}")
+        block_size = k_cache.shape[1]
+        if block_size % 16:
+            raise ValueError(f"paged caches need a block_size that is a multiple of 16, got {block_size}")
+        capacity = block_table.shape[1] * block_size
+    else:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache batch ({k_cache.shape[0]}) must equal q's ({B}); pass block_table for a paged cache")
+        capacity = k_cache.shape[1]
+
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError("cache_seqlens must be an int or an int32 tensor (B,)")
+    _check_shape("cache_seqlens", cache_seqlens, (B,))
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+
+    len_new = 0
+    if (k_new is None) != (v_new is None):
+        raise ValueError("pass k_new and v_new together")
+    if k_new is not None:
+        for name, t, dim in (("k_new", k_new, dim_qk), ("v_new", v_new, dim_v)):
+            _check_tensor(name, t)
+            if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != (heads_kv, dim):
+                raise ValueError(f"{name} must have shape ({B}, Lq_new, {heads_kv}, {dim}), got {tuple(t.shape)}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise TypeError(f"{name} must have q's dtype and device")
+        if v_new.shape[1] != k_new.shape[1]:
+            raise ValueError("k_new and v_new must have the same number of new tokens")
+        len_new = k_new.shape[1]
+
+    lengths = cache_seqlens.tolist()
+    if min(lengths, default=0) < 0 or max(lengths, default=0) + len_new > capacity:
+        raise ValueError(
+            f"the cache holds {capacity} keys per sequence, too few for cache_seqlens + Lq_new "
+            f"(max {max(lengths, default=0)} + {len_new})"
+        )
+    if paged:
+        block_size = k_cache.shape[1]
+        used = [(n + len_new + block_size - 1) // block_size for n in lengths]
+        cols = torch.arange(block_table.shape[1], device=q.device)[None, :]
+        needed = block_table[cols < torch.tensor(used, device=q.device)[:, None]]
+        if needed.numel() and (needed.min() < 0 or needed.max() >= k_cache.shape[0]):
+            raise ValueError(f"block_table points outside the {k_cache.shape[0]} cache blocks")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise TypeError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
+    if alibi_slopes is not None:
+        check_alibi(alibi_slopes, (B,), heads_q, q.device)
+    spec = KVCacheSpec(
+        batch=B, len_q=len_q, heads_q=heads_q, heads_kv=heads_kv, dim_qk=dim_qk, dim_v=dim_v, capacity=capacity,
+        paged=paged, len_new=len_new, max_keys=max(lengths, default=0) + len_new, scale=check_scale(scale, dim_qk), is_causal=_check_flag("is_causal", is_causal),
+        window=check_window(window_size), softcap=check_softcap(softcap), num_splits=num_splits,
+        dtype=q.dtype, device=q.device,
+    )
+    return spec, cache_seqlens

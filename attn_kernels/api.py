@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import ops, reference
-from ._checks import AttentionSpec, _check_flag, check_attention, check_backend, check_varlen
+from ._checks import AttentionSpec, _check_flag, check_attention, check_backend, check_kvcache, check_varlen
 
 TRITON_MAX_HEAD_DIM = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -248,6 +248,80 @@ def attention_weights(
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         )
     return ops.attention_weights(query, key, attn_mask, alibi_slopes, spec)
+
+
+def _append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> None:
+    """Write k_new / v_new (B, Lq_new, Hkv, *) into the caches at rows cache_seqlens[b]..,
+    in place, on the device (no host sync); a paged cache through its block table."""
+    B, n = k_new.shape[:2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(n, device=k_new.device)[None, :]
+    if block_table is None:
+        index = (torch.arange(B, device=k_new.device)[:, None].expand(B, n), positions)
+    else:
+        block_size = k_cache.shape[1]
+        blocks = torch.gather(block_table.long(), 1, positions // block_size)
+        index = (blocks, positions % block_size)
+    k_cache[index] = k_new
+    v_cache[index] = v_new
+
+
+def fused_attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens,
+    *,
+    k_new: Optional[torch.Tensor] = None,
+    v_new: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    is_causal: bool = True,
+    window_size: tuple = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Decoding attention against a KV cache, with split-KV (flash-decoding) and paged
+    caches; the layouts and semantics of FlashAttention's `flash_attn_with_kvcache`.
+
+    Args:
+        q: (B, Lq, Hq, E): the new tokens' queries (Lq = 1 for plain decoding).
+        k_cache, v_cache: (B, S_max, Hkv, E) / (B, S_max, Hkv, Ev), or paged
+            (num_blocks, block_size, Hkv, *) with block_table; block_size a multiple of 16.
+        cache_seqlens: int32 (B,) (or an int): tokens already in the cache per batch row.
+        k_new, v_new: optional (B, Lq_new, Hkv, *): written into the caches in place at
+            rows cache_seqlens[b].. before attending; the caller then advances cache_seqlens.
+        block_table: int32 (B, max_blocks): the cache blocks of each batch row, in order.
+        is_causal: query i sees keys up to i + S_b - Lq (aligned bottom-right), where S_b
+            = cache_seqlens[b] + Lq_new. window_size, softcap, alibi_slopes ((Hq,) or
+            (B, Hq)): as `fused_attention`.
+        num_splits: split each key range into this many chunks merged by their LSE;
+            0 chooses from B, Hkv, S and the GPU's SM count.
+
+    Returns:
+        out (B, Lq, Hq, Ev) in q's dtype; with return_lse, also lse float32 (B, Hq, Lq).
+    Forward only: tensors that require grad are refused. Validation reads cache_seqlens
+    and block_table on the host once.
+    """
+    spec, cache_seqlens = check_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, is_causal, window_size, softcap,
+        alibi_slopes, num_splits,
+    )
+    return_lse = _check_return_lse(return_lse)
+    name = _pick_backend(backend, spec)
+    if k_new is not None:
+        _append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    seqlens = cache_seqlens + spec.len_new
+    if name == "reference":
+        out, lse = reference.attention_with_kvcache(
+            q, k_cache, v_cache, seqlens, block_table=block_table, scale=scale, is_causal=is_causal,
+            window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
+        )
+    else:
+        out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, spec)
+    return (out, lse) if return_lse else out
 
 
 def dropout_keep_mask(

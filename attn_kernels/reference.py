@@ -152,3 +152,41 @@ def attention_varlen(
     if return_lse:
         return out, torch.cat(lses, dim=-1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
     return out
+
+
+def gather_cache(cache: torch.Tensor, b: int, n: int, block_table=None) -> torch.Tensor:
+    """The first n cached rows of batch row b: (n, Hkv, D), from a contiguous
+    (B, S_max, Hkv, D) cache or a paged (num_blocks, block_size, Hkv, D) one."""
+    if block_table is None:
+        return cache[b, :n]
+    positions = torch.arange(n, device=cache.device)
+    block_size = cache.shape[1]
+    return cache[block_table[b, positions // block_size].long(), positions % block_size]
+
+
+def attention_with_kvcache(
+    q, k_cache, v_cache, seqlens, *, block_table=None, scale=None, is_causal=True, window_size=(-1, -1),
+    softcap=0.0, alibi_slopes=None, return_lse=False,
+):
+    """Decoding attention over the cache as it stands (new keys already appended):
+    q (B, Lq, Hq, E) against the first seqlens[b] keys of each batch row, causal
+    aligned bottom-right, GQA implied. Returns out (B, Lq, Hq, Ev) [, lse (B, Hq, Lq)]."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    outs, lses = [], []
+    for b, n in enumerate(seqlens.tolist()):
+        qb = q[b].transpose(0, 1)
+        kb = gather_cache(k_cache, b, n, block_table).transpose(0, 1)
+        vb = gather_cache(v_cache, b, n, block_table).transpose(0, 1)
+        mask = None
+        if is_causal:
+            with warnings.catch_warnings():  # it warns of NaN rows when L > S; ours are zeros
+                warnings.simplefilter("ignore")
+                mask = CausalBias(CausalVariant.LOWER_RIGHT, qb.shape[1], n)
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        out, lse = attention(qb, kb, vb, mask, 0.0, False, scale, qb.shape[0] != kb.shape[0],
+                             window_size=window_size, softcap=softcap, alibi_slopes=slopes, return_lse=True)
+        outs.append(out.transpose(0, 1))
+        lses.append(lse)
+    out, lse = torch.stack(outs), torch.stack(lses)
+    return (out, lse) if return_lse else out

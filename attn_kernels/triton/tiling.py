@@ -80,7 +80,7 @@ def _grid(rows, cols, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _tanh(x):
+def tanh(x):
     # tl.math has no tanh on every triton we support; this form saturates cleanly at +-1
     return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * _LOG2E)) + 1.0)
 
@@ -99,7 +99,7 @@ def scores_base2(
     tanh(s / softcap), which the backward needs (qk itself when not SOFTCAP)."""
     r, c = _grid(rows, cols, TRANSPOSED)
     if SOFTCAP:
-        t = _tanh(qk * softcap_scale)
+        t = tanh(qk * softcap_scale)
         s = t * softcap_log2e
     else:
         t = qk
