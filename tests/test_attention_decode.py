@@ -163,3 +163,16 @@ def test_bad_input_raises_before_any_kernel(index):
     kwargs, exc, words = _bad_inputs()[index]
     with pytest.raises(exc, match=words):
         fused_attention_with_kvcache(**kwargs)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_generation_example_matches_full_recomputation(paged):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "kvcache_generation.py"
+    spec = importlib.util.spec_from_file_location("kvcache_generation", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--steps", "6", "--backend", "triton"] + (["--paged"] if paged else []))
+    assert result["identical"] and result["tokens"].shape == (3, 6)
