@@ -176,3 +176,12 @@ def test_generation_example_matches_full_recomputation(paged):
     spec.loader.exec_module(example)
     result = example.main(["--steps", "6", "--backend", "triton"] + (["--paged"] if paged else []))
     assert result["identical"] and result["tokens"].shape == (3, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_long_cache_bf16_gpu(paged):
+    seqlens = [16384, 3000]
+    k, v, table = make_cache(2, 16384, 8, 128, BF16, seqlens, 256 if paged else None)
+    q = torch.randn(2, 1, 32, 128, device=DEVICE, dtype=BF16)
+    check_decode(q, k, v, seqlens, block_table=table)

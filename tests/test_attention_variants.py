@@ -178,3 +178,19 @@ def test_bad_variant_arguments(kwargs, exc, words):
     q, k, v = (torch.randn(2, 4, n, 8) for n in (8, 6, 6))
     with pytest.raises(exc, match=words):
         fused_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+def test_key_padding_mask_and_window_long_gpu(dtype):
+    q, k, v = make_qkv((2,), 8, 2, 2048, 2048, 128, 128, dtype)
+    pad = torch.rand(2, 1, 1, 2048, device=DEVICE) > 0.1
+    check_against_reference(fused, q, k, v, attn_mask=pad, enable_gqa=True)
+    check_against_reference(fused, q, k, v, window_size=(256, 0), softcap=30.0, enable_gqa=True)
+
+
+@pytest.mark.gpu
+def test_bias_gradient_long_gpu():
+    q, k, v = make_qkv((1,), 4, 4, 1024, 1500, 64, 64, BF16)
+    bias = torch.randn(1, 4, 1024, 1500, device=DEVICE, dtype=BF16, requires_grad=True)
+    check_against_reference(fused, q, k, v, attn_mask=bias)

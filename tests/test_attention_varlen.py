@@ -116,3 +116,8 @@ def test_bad_varlen_input(make, exc, words):
     cu = torch.tensor([0, 4, 12], dtype=torch.int32)
     with pytest.raises(exc, match=words):
         fused_attention_varlen(*make(q, k, v, cu))
+
+
+@pytest.mark.gpu
+def test_varlen_long_sequences_gpu():
+    check_varlen(*packed_inputs([1000, 3000, 17, 2048], [1000, 3000, 40, 4096], 16, 4, 128, 128, BF16), is_causal=True)
