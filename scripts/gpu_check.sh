@@ -7,6 +7,7 @@
 #             gpu-marked ones included (-n 4 when pytest-xdist is installed)
 #   memcheck  compute-sanitizer memcheck on scripts/sanitize_case.py (small odd shapes)
 #   bench     python bench/bench_attention.py --quick --strict (writes bench/results/<gpu>-quick.*)
+#   decode    python bench/bench_decode.py --quick (KV-cache decode bandwidth vs SDPA, FlexAttention)
 # Each step's output goes to its log; a summary table is printed last, and the exit
 # status is 1 if any step failed.
 #
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python}
-STEPS=${GPU_CHECK_STEPS:-gpu build tests memcheck bench}
+STEPS=${GPU_CHECK_STEPS:-gpu build tests memcheck bench decode}
 LOG_DIR=${GPU_CHECK_LOG_DIR:-bench/results/gpu_check}
 STRICT=${GPU_CHECK_STRICT:-0}
 ALLOW_CPU=${GPU_CHECK_ALLOW_CPU:-0}
@@ -89,6 +90,10 @@ step_bench() {
     "$PY" bench/bench_attention.py --quick --strict
 }
 
+step_decode() {
+    "$PY" bench/bench_decode.py --quick
+}
+
 names=()
 results=()
 seconds=()
@@ -118,7 +123,7 @@ run_step() {
 no_gpu=0
 for step in $STEPS; do
     if ! declare -F "step_$step" >/dev/null; then
-        echo "unknown step $step (known: gpu build tests memcheck bench)"
+        echo "unknown step $step (known: gpu build tests memcheck bench decode)"
         record "$step" "FAIL (unknown)" 0
     elif [ "$no_gpu" = 1 ]; then
         record "$step" "not run (no GPU)" 0
