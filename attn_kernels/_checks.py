@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cuda", "reference")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@
     available_backends()                      what can run here, and why not
 
 Backends: "triton" (fused kernels, CUDA tensors; CPU tensors only under
-TRITON_INTERPRET=1) and "reference" (eager PyTorch, any device). "auto" picks
-triton for CUDA tensors and the reference for CPU tensors. An explicit backend
+TRITON_INTERPRET=1), "cuda" (the hand-written CUDA C++ kernels of csrc/, for
+`fused_attention` only) and "reference" (eager PyTorch, any device). "auto" picks
+triton for CUDA tensors and the reference for CPU tensors ("cuda" only when asked
+for, until a committed benchmark shows where it is faster). An explicit backend
 never falls back: what it cannot do raises.
 """
 
@@ -47,10 +49,17 @@ def _triton_status() -> BackendStatus:
     return BackendStatus(False, "no CUDA GPU, and TRITON_INTERPRET=1 is not set for the CPU interpreter")
 
 
+def _cuda_status() -> BackendStatus:
+    from . import cuda  # registers the attn_kernels::cuda_* ops; needs no _C to import
+
+    return BackendStatus(*cuda.status())
+
+
 def available_backends() -> dict:
     """{backend name: BackendStatus(available, detail)} for this machine."""
     return {
         "triton": _triton_status(),
+        "cuda": _cuda_status(),
         "reference": BackendStatus(True, "eager PyTorch on any device (materialises the L x S scores)"),
     }
 
@@ -79,10 +88,19 @@ def _triton_refusal(spec: AttentionSpec) -> Optional[Exception]:
     return None
 
 
-def _pick_backend(backend: str, spec: AttentionSpec) -> str:
+def _pick_backend(backend: str, spec, op: str = "fused_attention") -> str:
     backend = check_backend(backend)
     if backend == "reference":
         return "reference"
+    if backend == "cuda":
+        if op != "fused_attention":
+            raise NotImplementedError(f"backend='cuda' provides fused_attention only, not {op}; use backend='triton'")
+        from . import cuda
+
+        refusal = cuda.refusal(spec)
+        if refusal is not None:
+            raise refusal
+        return "cuda"
     refusal = _triton_refusal(spec)
     if backend == "triton":
         if refusal is not None:
@@ -145,7 +163,7 @@ def fused_attention(
             scores (FlashAttention's ALiBi); no gradient.
         deterministic: ask for a bit-reproducible backward. The Triton backward never
             uses float atomics, so it always is; accepted for FlashAttention parity.
-        backend: "auto" | "triton" | "reference" (see `available_backends()`).
+        backend: "auto" | "triton" | "cuda" | "reference" (see `available_backends()`).
         return_lse: also return the log-sum-exp of the scores.
 
     Returns:
@@ -159,12 +177,16 @@ def fused_attention(
     )
     _check_flag("deterministic", deterministic)
     return_lse = _check_return_lse(return_lse)
-    if _pick_backend(backend, spec) == "reference":
+    name = _pick_backend(backend, spec)
+    if name == "reference":
         return reference.attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
         )
-    out, lse = ops.fused_attention(query, key, value, attn_mask, alibi_slopes, spec)
+    if name == "cuda":
+        out, lse = ops.cuda_attention(query, key, value, spec, deterministic)
+    else:
+        out, lse = ops.fused_attention(query, key, value, attn_mask, alibi_slopes, spec)
     return (out, lse) if return_lse else out
 
 
@@ -209,7 +231,7 @@ def fused_attention_varlen(
     )
     _check_flag("deterministic", deterministic)
     return_lse = _check_return_lse(return_lse)
-    if _pick_backend(backend, spec) == "reference":
+    if _pick_backend(backend, spec, "fused_attention_varlen") == "reference":
         return reference.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap,
@@ -242,7 +264,7 @@ def attention_weights(
     spec = check_attention(
         query, key, None, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
     )
-    if _pick_backend(backend, spec) == "reference":
+    if _pick_backend(backend, spec, "attention_weights") == "reference":
         return reference.attention_weights(
             query, key, attn_mask, is_causal, scale, enable_gqa,
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -310,7 +332,7 @@ def fused_attention_with_kvcache(
         alibi_slopes, num_splits,
     )
     return_lse = _check_return_lse(return_lse)
-    name = _pick_backend(backend, spec)
+    name = _pick_backend(backend, spec, "fused_attention_with_kvcache")
     if k_new is not None:
         _append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     seqlens = cache_seqlens + spec.len_new
@@ -337,7 +359,7 @@ def dropout_keep_mask(
     spec = check_attention(query, key, None, None, dropout_p, False, None, enable_gqa)
     if spec.dropout_p == 0.0:
         raise ValueError("dropout_p must be > 0 for a dropout mask")
-    if _pick_backend(backend, spec) == "reference":
+    if _pick_backend(backend, spec, "dropout_keep_mask") == "reference":
         # the draw reference.attention makes: rand_like of its probabilities
         shape = spec.weights_shape if spec.rank > 2 else (1, 1, spec.len_q, spec.len_k)
         keep = torch.rand(shape, dtype=spec.dtype, device=spec.device) >= spec.dropout_p

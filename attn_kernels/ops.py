@@ -110,6 +110,15 @@ def fused_attention(query, key, value, attn_mask, alibi_slopes, spec: AttentionS
     return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)
 
 
+def cuda_attention(query, key, value, spec: AttentionSpec, deterministic: bool):
+    """The CUDA C++ backend (attn_kernels/cuda.py) on (Z, H, N, D) views; (out, lse) in the caller's shapes."""
+    from . import cuda
+
+    q, k, v = (_as_4d(t, spec) for t in (query, key, value))
+    out, lse = cuda.fused_attention(q, k, v, spec.is_causal, spec.scale, deterministic)
+    return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)
+
+
 def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec: AttentionSpec):
     """Packed q (total_q, Hq, E), k/v (total_k, Hkv, *) -> (out (total_q, Hq, Ev), lse (Hq, total_q))."""
     from .triton.launch import Packed

@@ -82,9 +82,22 @@ def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 def test_available_backends_reports_each_backend():
     backends = available_backends()
-    assert set(backends) == {"triton", "reference"}
+    assert set(backends) == {"triton", "cuda", "reference"}
     assert backends["reference"].available
     assert backends["triton"].available  # the suite runs on a GPU or in the interpreter
+
+
+def test_cuda_backend_without_a_gpu_says_why():
+    q, k, v = qkv(1, 2, 4, 64)
+    status = available_backends()["cuda"]
+    if not status.available:
+        with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+            fused_attention(q.half(), k.half(), v.half(), backend="cuda")
+    # what the CUDA kernels lack is refused the same way on every machine
+    with pytest.raises(NotImplementedError, match="backend='cuda'"):
+        fused_attention(q.half(), k.half(), v.half(), softcap=2.0, backend="cuda")
+    with pytest.raises(NotImplementedError, match="fused_attention only"):
+        attention_weights(q.half(), k.half(), backend="cuda")
 
 
 def test_auto_on_cpu_uses_reference_with_every_feature():
