@@ -124,6 +124,18 @@ Status dispatch(DType dtype, int64_t head_dim, F&& f) {
 
 Strides strides_of(const TensorArg& t) { return {t[1], t[2], t[3]}; }
 
+// The problem sizes and softmax constants both parameter structs share.
+template <typename Params>
+void set_problem(Params& p, const Sizes& s, double scale, bool causal) {
+  p.batch = static_cast<int>(s.batch);
+  p.heads_q = static_cast<int>(s.heads_q);
+  p.heads_kv = static_cast<int>(s.heads_kv);
+  p.len_q = static_cast<int>(s.len_q);
+  p.len_k = static_cast<int>(s.len_k);
+  p.scale_log2 = static_cast<float>(scale * kLog2e);
+  p.causal = causal;
+}
+
 }  // namespace
 
 Status attention_forward(const ForwardArgs& a) {
@@ -149,13 +161,7 @@ Status attention_forward(const ForwardArgs& a) {
   p.k_str = strides_of(a.k);
   p.v_str = strides_of(a.v);
   p.out_str = strides_of(a.out);
-  p.batch = static_cast<int>(s.batch);
-  p.heads_q = static_cast<int>(s.heads_q);
-  p.heads_kv = static_cast<int>(s.heads_kv);
-  p.len_q = static_cast<int>(s.len_q);
-  p.len_k = static_cast<int>(s.len_k);
-  p.scale_log2 = static_cast<float>(a.scale * 1.4426950408889634);
-  p.causal = a.causal;
+  set_problem(p, s, a.scale, a.causal);
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
 
   return dispatch(a.dtype, s.head_dim, [&](auto type, auto dim) -> Status {
@@ -209,15 +215,9 @@ Status attention_backward(const BackwardArgs& a) {
   p.dq_str = strides_of(a.dq);
   p.dk_str = strides_of(a.dk);
   p.dv_str = strides_of(a.dv);
-  p.batch = static_cast<int>(s.batch);
-  p.heads_q = static_cast<int>(s.heads_q);
-  p.heads_kv = static_cast<int>(s.heads_kv);
-  p.len_q = static_cast<int>(s.len_q);
-  p.len_k = static_cast<int>(s.len_k);
+  set_problem(p, s, a.scale, a.causal);
   p.head_dim = static_cast<int>(s.head_dim);
   p.scale = static_cast<float>(a.scale);
-  p.scale_log2 = static_cast<float>(a.scale * 1.4426950408889634);
-  p.causal = a.causal;
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
 
   return dispatch(a.dtype, s.head_dim, [&](auto type, auto dim) -> Status {
