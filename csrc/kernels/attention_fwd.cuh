@@ -82,18 +82,9 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const FwdPara
 
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j & 1;
-    if (j + 1 < n_tiles) {  // prefetch tile j+1 into the stage tile j-1 used
-      const int next = (j + 1) * BLOCK_N;
-      load_tile_async<BLOCK_N, D, Cfg::kThreads>(sK + (stage ^ 1) * BLOCK_N * kStride, k, p.k_str.row, next,
-                                                 p.len_k, tid);
-      load_tile_async<BLOCK_N, D, Cfg::kThreads>(sV + (stage ^ 1) * BLOCK_N * kStride, v, p.v_str.row, next,
-                                                 p.len_k, tid);
-      cp_async_commit();
-      cp_async_wait<1>();  // everything but tile j+1 has landed
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    // prefetch tile j + 1, wait for tile j
+    kv_pipeline_step<BLOCK_N, D, Cfg::kThreads>(sK, sV, stage, j, n_tiles, k, p.k_str.row, v, p.v_str.row, p.len_k,
+                                                tid);
     const T* sKj = sK + stage * BLOCK_N * kStride;
     const T* sVj = sV + stage * BLOCK_N * kStride;
 

@@ -152,4 +152,24 @@ __device__ __forceinline__ void store_rows(T* gmem, int64_t row_stride, int grow
   }
 }
 
+// One step of the double-buffered K/V pipeline: start copying tile j + 1 into the stage
+// that tile j - 1 used, then wait until tile j (in `stage`) has landed and every thread
+// of the CTA sees it.
+template <int BLOCK_N, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void kv_pipeline_step(T* sK, T* sV, int stage, int j, int n_tiles, const T* k,
+                                                 int64_t k_row_stride, const T* v, int64_t v_row_stride,
+                                                 int len_k, int tid) {
+  constexpr int kTile = BLOCK_N * RowLayout<D>::kStride;
+  if (j + 1 < n_tiles) {
+    const int next = (j + 1) * BLOCK_N;
+    load_tile_async<BLOCK_N, D, NTHREADS>(sK + (stage ^ 1) * kTile, k, k_row_stride, next, len_k, tid);
+    load_tile_async<BLOCK_N, D, NTHREADS>(sV + (stage ^ 1) * kTile, v, v_row_stride, next, len_k, tid);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but tile j + 1 has landed
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 }  // namespace attn_kernels
