@@ -8,12 +8,19 @@
 #   memcheck  compute-sanitizer memcheck on scripts/sanitize_case.py (small odd shapes)
 #   bench     python bench/bench_attention.py --quick --strict (writes bench/results/<gpu>-quick.*)
 #   decode    python bench/bench_decode.py --quick (KV-cache decode bandwidth vs SDPA, FlexAttention)
+# Two more steps, not run unless named in GPU_CHECK_STEPS (both write files to commit):
+#   tune      python bench/tune_attention.py: searches the Triton tiles on this GPU and
+#             writes attn_kernels/triton/tuned/<gpu>.json (about 1 minute per key, see bench/NOTES.md)
+#   goal      the H100 speed issue's table: bf16, D 64 and 128, seqlen 4096 to 16384,
+#             causal and not, fwd and bwd, attn_kernels next to every SDPA backend
+#             (writes bench/results/<gpu>.*)
 # Each step's output goes to its log; a summary table is printed last, and the exit
 # status is 1 if any step failed.
 #
 # Environment:
 #   PYTHON              the interpreter with CUDA torch (default: python)
-#   GPU_CHECK_STEPS     the steps to run (default: "gpu build tests memcheck bench")
+#   GPU_CHECK_STEPS     the steps to run (default: "gpu build tests memcheck bench decode")
+#   TUNE_ARGS           arguments of the tune step (e.g. "--dims 128 --causal no")
 #   GPU_CHECK_LOG_DIR   where the logs go (default: bench/results/gpu_check)
 #   GPU_CHECK_STRICT=1  a step that cannot run here (no compute-sanitizer) fails instead of SKIP
 #   GPU_CHECK_ALLOW_CPU=1  go on without a GPU (to test this script; the GPU tests then skip)
@@ -94,6 +101,15 @@ step_decode() {
     "$PY" bench/bench_decode.py --quick
 }
 
+step_tune() {
+    "$PY" bench/tune_attention.py ${TUNE_ARGS:-}
+}
+
+step_goal() {
+    "$PY" bench/bench_attention.py --strict --seqlens 4096 8192 16384 --headdims 64 128 --dtypes bf16 \
+        --passes fwd,bwd --impls sdpa.flash,sdpa.efficient,sdpa.cudnn,attn_kernels.triton,attn_kernels.cuda
+}
+
 names=()
 results=()
 seconds=()
@@ -123,7 +139,7 @@ run_step() {
 no_gpu=0
 for step in $STEPS; do
     if ! declare -F "step_$step" >/dev/null; then
-        echo "unknown step $step (known: gpu build tests memcheck bench decode)"
+        echo "unknown step $step (known: gpu build tests memcheck bench decode tune goal)"
         record "$step" "FAIL (unknown)" 0
     elif [ "$no_gpu" = 1 ]; then
         record "$step" "not run (no GPU)" 0

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import dot_precision, forward_blocks, head_block, key_major_blocks, upcast
+from . import tuning
+from .launch_config import dot_precision, forward_blocks, head_block, upcast
 from .tiling import alibi_slope_log2, dropout_keep, key_range, lse_base2, query_range, scores_base2, sequence_bounds, split_program_id
 
 
@@ -296,33 +297,40 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
         BLOCK_DV=common["BLOCK_DV"],
     )
 
-    kv = key_major_blocks(max(shape.E, shape.Ev), q.dtype)
-    _bwd_dkdv_kernel[(triton.cdiv(shape.S, kv.BLOCK_N) * shape.Z * shape.Hkv,)](
-        q, k, v, do, dk, dv, lse, delta, ds if ds is not None else lse,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *shape.lse_strides,
-        shape.Hkv, shape.group, *sizes,
-        mods.qk_scale, mods.scale,
-        *mods.args,
-        STORE_DS=ds is not None,
-        BLOCK_M=kv.BLOCK_M,
-        BLOCK_N=kv.BLOCK_N,
-        num_warps=kv.num_warps,
-        num_stages=kv.num_stages,
-        **mods.constexprs,
-        **common,
-    )
+    dim = max(shape.E, shape.Ev)
 
-    qm = forward_blocks(max(shape.E, shape.Ev), q.dtype)
-    _bwd_dq_kernel[(triton.cdiv(shape.L, qm.BLOCK_M) * shape.Z * shape.H,)](
-        q, k, v, do, dq, lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *shape.lse_strides,
-        shape.H, shape.group, *sizes,
-        mods.qk_scale, mods.scale,
-        *mods.args,
-        BLOCK_M=qm.BLOCK_M,
-        BLOCK_N=qm.BLOCK_N,
-        num_warps=qm.num_warps,
-        num_stages=qm.num_stages,
-        **mods.constexprs,
-        **common,
-    )
+    def launch_dkdv(blocks):
+        _bwd_dkdv_kernel[(triton.cdiv(shape.S, blocks.BLOCK_N) * shape.Z * shape.Hkv,)](
+            q, k, v, do, dk, dv, lse, delta, ds if ds is not None else lse,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *shape.lse_strides,
+            shape.Hkv, shape.group, *sizes,
+            mods.qk_scale, mods.scale,
+            *mods.args,
+            STORE_DS=ds is not None,
+            BLOCK_M=blocks.BLOCK_M,
+            BLOCK_N=blocks.BLOCK_N,
+            num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
+            **mods.constexprs,
+            **common,
+        )
+        return dk, dv, ds
+
+    def launch_dq(blocks):
+        _bwd_dq_kernel[(triton.cdiv(shape.L, blocks.BLOCK_M) * shape.Z * shape.H,)](
+            q, k, v, do, dq, lse, delta,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *shape.lse_strides,
+            shape.H, shape.group, *sizes,
+            mods.qk_scale, mods.scale,
+            *mods.args,
+            BLOCK_M=blocks.BLOCK_M,
+            BLOCK_N=blocks.BLOCK_N,
+            num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
+            **mods.constexprs,
+            **common,
+        )
+        return (dq,)
+
+    tuning.run(tuning.Key.of("dkdv", q.dtype, dim, mods.banded), q.device, launch_dkdv)
+    tuning.run(tuning.Key.of("dq", q.dtype, dim, mods.banded), q.device, launch_dq)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .launch_config import dot_precision, forward_blocks, head_block, upcast
+from . import tuning
+from .launch_config import dot_precision, head_block, upcast
 from .tiling import alibi_slope_log2, dropout_keep, key_range, scores_base2, sequence_bounds, split_program_id
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -139,24 +140,28 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
     """Launch on (Z, H, N, D) views (see launch.py): q (Z, Hq, *, E), k (Z, Hkv, *, E),
     v (Z, Hkv, *, Ev) or None, out like q with Ev (or None), lse float32 laid out as
     shape.lse_strides. `mods` carries the score modifiers' kernel arguments."""
-    blocks = forward_blocks(max(shape.E, shape.Ev), q.dtype)
     v_arg = v if v is not None else k  # without V the kernel never reads V / Out
     o_arg = out if out is not None else q
-    grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * shape.Z * shape.H,)
-    _attn_fwd_kernel[grid](
-        q, k, v_arg, o_arg, lse,
-        *q.stride(), *k.stride(), *v_arg.stride(), *o_arg.stride(), *shape.lse_strides,
-        shape.H, shape.group, shape.L, shape.S, shape.E, shape.Ev,
-        mods.qk_scale,
-        *mods.args,
-        HAS_V=v is not None,
-        UPCAST=upcast(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_M=blocks.BLOCK_M,
-        BLOCK_N=blocks.BLOCK_N,
-        BLOCK_D=head_block(shape.E),
-        BLOCK_DV=head_block(shape.Ev),
-        num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages,
-        **mods.constexprs,
-    )
+
+    def launch(blocks):
+        grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * shape.Z * shape.H,)
+        _attn_fwd_kernel[grid](
+            q, k, v_arg, o_arg, lse,
+            *q.stride(), *k.stride(), *v_arg.stride(), *o_arg.stride(), *shape.lse_strides,
+            shape.H, shape.group, shape.L, shape.S, shape.E, shape.Ev,
+            mods.qk_scale,
+            *mods.args,
+            HAS_V=v is not None,
+            UPCAST=upcast(q.dtype),
+            DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_M=blocks.BLOCK_M,
+            BLOCK_N=blocks.BLOCK_N,
+            BLOCK_D=head_block(shape.E),
+            BLOCK_DV=head_block(shape.Ev),
+            num_warps=blocks.num_warps,
+            num_stages=blocks.num_stages,
+            **mods.constexprs,
+        )
+        return out, lse
+
+    tuning.run(tuning.Key.of("fwd", q.dtype, max(shape.E, shape.Ev), mods.banded), q.device, launch)

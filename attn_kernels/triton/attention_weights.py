@@ -16,7 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .launch_config import dot_precision, forward_blocks, head_block, upcast
+from . import tuning
+from .launch_config import dot_precision, head_block, upcast
 from .tiling import alibi_slope_log2, lse_base2, scores_base2, split_program_id
 
 
@@ -71,19 +72,22 @@ def _attn_weights_kernel(
 def attention_weights(q, k, lse, probs, shape, mods):
     """Launch on (Z, H, N, D) views: q (Z, Hq, L, E), k (Z, Hkv, S, E), lse from the
     forward, probs (Z, Hq, L, S) allocated by the caller (`launch.py`)."""
-    blocks = forward_blocks(shape.E, q.dtype)
-    grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * triton.cdiv(shape.S, blocks.BLOCK_N) * shape.Z * shape.H,)
-    _attn_weights_kernel[grid](
-        q, k, lse, probs,
-        *q.stride(), *k.stride(), *probs.stride(), *shape.lse_strides,
-        shape.H, shape.group, shape.L, shape.S, shape.E,
-        mods.qk_scale,
-        *mods.args,
-        UPCAST=upcast(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_M=blocks.BLOCK_M,
-        BLOCK_N=blocks.BLOCK_N,
-        BLOCK_D=head_block(shape.E),
-        num_warps=blocks.num_warps,
-        **mods.constexprs,
-    )
+    def launch(blocks):
+        grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * triton.cdiv(shape.S, blocks.BLOCK_N) * shape.Z * shape.H,)
+        _attn_weights_kernel[grid](
+            q, k, lse, probs,
+            *q.stride(), *k.stride(), *probs.stride(), *shape.lse_strides,
+            shape.H, shape.group, shape.L, shape.S, shape.E,
+            mods.qk_scale,
+            *mods.args,
+            UPCAST=upcast(q.dtype),
+            DOT_PRECISION=dot_precision(q.dtype),
+            BLOCK_M=blocks.BLOCK_M,
+            BLOCK_N=blocks.BLOCK_N,
+            BLOCK_D=head_block(shape.E),
+            num_warps=blocks.num_warps,
+            **mods.constexprs,
+        )
+        return (probs,)
+
+    tuning.run(tuning.Key.of("weights", q.dtype, shape.E, mods.banded), q.device, launch)

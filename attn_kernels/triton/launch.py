@@ -53,6 +53,11 @@ class ScoreMods:
     args: tuple
     constexprs: dict = field(default_factory=dict)
 
+    @property
+    def banded(self) -> bool:
+        """Causal or sliding window: the kernels visit only the tiles in the band."""
+        return bool(self.constexprs.get("BAND_LO") or self.constexprs.get("BAND_HI"))
+
 
 def score_mods(
     dummy: torch.Tensor,
