@@ -1,10 +1,12 @@
-"""Autograd glue between the public API and the Triton backend.
+"""Glue between the public API and the backends' kernels.
 
 `api.py` validates and picks the backend; this module turns an `AttentionSpec`
 into kernel inputs (no copies: (Z, H, N, D) views, broadcast masks as stride-0
-views), runs the kernels through `triton/launch.py`, and defines the backward.
-The Triton modules are imported on first use, so that `import attn_kernels` needs
-no Triton and `TRITON_INTERPRET=1` set before the first call still counts.
+views) and calls the Triton backend's custom ops (`triton_ops.py`, where the
+backward is registered; they launch through `triton/launch.py`), the CUDA backend
+(`cuda.py`) or the decode kernels. The Triton modules are imported on first use, so
+that `import attn_kernels` needs no Triton and `TRITON_INTERPRET=1` set before the
+first call still counts.
 """
 
 from __future__ import annotations
@@ -56,57 +58,32 @@ class _KernelConfig:
     def scores_shape(self) -> tuple:
         return self.spec.weights_shape
 
-    def mods(self, dummy: torch.Tensor, mask: Optional[torch.Tensor], dropout: bool = True):
-        from .triton import launch
-
+    def kernel_mask(self, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The mask as a (Z, Hq, L, S) view (stride 0 where broadcast): autograd sums
+        the kernel's dS back to the caller's shape through this view."""
+        if mask is None:
+            return None
         spec = self.spec
-        if mask is not None:
-            z = math.prod(spec.batch)
-            mask = mask.expand(self.scores_shape()).reshape(z, spec.heads_q, spec.len_q, spec.len_k)
-        return launch.score_mods(
-            dummy, spec.scale, mask=mask, alibi=self.alibi, seed=self.seed,
-            dropout_p=spec.dropout_p if dropout else 0.0, softcap=spec.softcap,
-            band=spec.band(packed=self.packed is not None), packed=self.packed,
-        )
+        z = math.prod(spec.batch)
+        return mask.expand(self.scores_shape()).reshape(z, spec.heads_q, spec.len_q, spec.len_k)
 
-
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, config: _KernelConfig):
-        from .triton import launch
-
-        out, lse = launch.forward(q, k, v, config.mods(q, mask), config.packed)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.config = config
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        from .triton import launch
-
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        config = ctx.config
-        if dout is None:  # only the lse was used downstream
-            dout = torch.zeros_like(out)
-        if dlse is not None:
-            dlse = dlse.float().contiguous()
-        need_ds = mask is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, ds = launch.backward(
-            dout, q, k, v, out, lse, dlse, config.mods(q, mask), config.packed, need_ds=need_ds
-        )
-        dmask = None
-        if need_ds:
-            # a broadcast mask gets the sum over the dims it was broadcast along
-            dmask = ds.reshape(config.scores_shape()).sum_to_size(mask.shape).to(mask.dtype)
-        return dq, dk, dv, dmask, None
+    def op_args(self) -> tuple:
+        """triton_ops.triton_fwd's arguments after q, k, v and the mask."""
+        spec, packed = self.spec, self.packed
+        lo, hi = spec.band(packed=packed is not None)
+        cu = (packed.cu_seqlens_q, packed.cu_seqlens_k, packed.max_seqlen_q, packed.max_seqlen_k) if packed else \
+            (None, None, 0, 0)
+        return (self.alibi, self.seed, *cu, float(spec.scale), float(spec.dropout_p), float(spec.softcap), lo, hi)
 
 
 def fused_attention(query, key, value, attn_mask, alibi_slopes, spec: AttentionSpec):
     """Triton forward (+ backward through autograd). Returns (out, lse) in the caller's shapes."""
+    from . import triton_ops  # noqa: F401  registers the ops
+
     q, k, v = (_as_4d(t, spec) for t in (query, key, value))
     config = _KernelConfig.build(spec, alibi_slopes)
-    out, lse = _FusedAttention.apply(q, k, v, attn_mask if spec.has_mask else None, config)
+    mask = config.kernel_mask(attn_mask if spec.has_mask else None)
+    out, lse = torch.ops.attn_kernels.triton_fwd(q, k, v, mask, *config.op_args())
     return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)
 
 
@@ -121,53 +98,24 @@ def cuda_attention(query, key, value, spec: AttentionSpec, deterministic: bool):
 
 def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec: AttentionSpec):
     """Packed q (total_q, Hq, E), k/v (total_k, Hkv, *) -> (out (total_q, Hq, Ev), lse (Hq, total_q))."""
+    from . import triton_ops  # noqa: F401
     from .triton.launch import Packed
 
     packed = Packed(cu_seqlens_q, cu_seqlens_k, spec.len_q, spec.len_k)
     config = _KernelConfig.build(spec, alibi_slopes, packed)
-    return _FusedAttention.apply(q, k, v, None, config)
-
-
-class _AttentionWeights(torch.autograd.Function):
-    """P = softmax(scores): Triton forward; the backward is plain PyTorch, since P
-    itself already holds L x S values."""
-
-    @staticmethod
-    def forward(ctx, q, k, mask, config: _KernelConfig):
-        from .triton import launch
-
-        probs = launch.weights(q, k, config.mods(q, mask, dropout=False))
-        ctx.save_for_backward(q, k, probs)
-        ctx.config = config
-        ctx.mask_shape, ctx.mask_dtype = (mask.shape, mask.dtype) if mask is not None else (None, None)
-        return probs
-
-    @staticmethod
-    def backward(ctx, dprobs):
-        q, k, probs = ctx.saved_tensors
-        spec = ctx.config.spec
-        p, dp = probs.float(), dprobs.float()
-        # softmax backward: dS = P * (dP - rowsum(dP * P)); also the gradient of a float mask
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-        dmask = None
-        if ctx.needs_input_grad[2]:
-            dmask = ds.reshape(ctx.config.scores_shape()).sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
-        group = q.shape[1] // k.shape[1]
-        k_rep = k.float().repeat_interleave(group, dim=1)
-        if spec.softcap > 0:  # through softcap * tanh(s / softcap)
-            raw = torch.matmul(q.float(), k_rep.transpose(-2, -1)) * spec.scale
-            ds = ds * (1 - torch.tanh(raw / spec.softcap) ** 2)
-        ds = ds * spec.scale
-        dq = torch.matmul(ds, k_rep)
-        dk = torch.matmul(ds.transpose(-2, -1), q.float())
-        dk = dk.reshape(k.shape[0], k.shape[1], group, *dk.shape[2:]).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dmask, None
+    return torch.ops.attn_kernels.triton_fwd(q, k, v, None, *config.op_args())
 
 
 def attention_weights(query, key, attn_mask, alibi_slopes, spec: AttentionSpec):
+    from . import triton_ops  # noqa: F401
+
     q, k = _as_4d(query, spec), _as_4d(key, spec)
     config = _KernelConfig.build(spec, alibi_slopes)
-    return _AttentionWeights.apply(q, k, attn_mask if spec.has_mask else None, config).reshape(spec.weights_shape)
+    lo, hi = spec.band()
+    mask = config.kernel_mask(attn_mask if spec.has_mask else None)
+    probs = torch.ops.attn_kernels.triton_weights(q, k, mask, config.alibi, float(spec.scale), float(spec.softcap),
+                                                  lo, hi)
+    return probs.reshape(spec.weights_shape)
 
 
 def dropout_keep_mask(query, key, spec: AttentionSpec) -> torch.Tensor:

@@ -49,10 +49,9 @@ def test_mask_is_not_expanded_or_copied():
     q, k, v = make_qkv((B,), HQ, HQ, 33, 47, 16, 16, FP32)
     mask = torch.rand(B, 1, 1, 47, device=DEVICE) > 0.5
     spec = check_attention(q, k, v, mask)
-    mods = _KernelConfig.build(spec, None).mods(q, mask)
-    mask_arg, *strides = mods.args[:5]
+    mask_arg = _KernelConfig.build(spec, None).kernel_mask(mask)
     assert mask_arg.data_ptr() == mask.data_ptr()
-    assert strides[1] == 0 and strides[2] == 0
+    assert mask_arg.stride(1) == 0 and mask_arg.stride(2) == 0
 
 
 @pytest.mark.parametrize("L,S", [(40, 100), (100, 40), (64, 64)])

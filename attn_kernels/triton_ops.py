@@ -1,0 +1,150 @@
+"""The Triton backend as torch custom ops: attn_kernels::triton_fwd, ::triton_bwd and
+::triton_weights, with fake (shape-only) implementations and autograd formulas.
+
+Why ops and not plain Python: torch.compile then sees each launch as one opaque node
+of known output shapes, whatever the launcher does inside (tile choice in
+triton/tuning.py reads files and may search), so `fullgraph=True` traces models that
+use the Triton kernels, and the CPU tests can check that through the interpreter.
+The Triton modules are imported inside the ops, on first use (TRITON_INTERPRET must
+be set before that).
+
+Tensor layouts are launch.py's: padded q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev),
+or packed (total, H, D) with cu_seqlens. Score modifiers travel as plain arguments:
+mask a (Z, Hq, L, S) view (stride 0 where broadcast), alibi (Z, Hq) float32, seed an
+int64 (1,) device tensor (dropout), band (lo, hi) bounds of j - i (None = unbounded).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, softcap,
+          band_lo, band_hi):
+    from .triton import launch
+
+    packed = None
+    if cu_seqlens_q is not None:
+        packed = launch.Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    mods = launch.score_mods(q, scale, mask=mask, alibi=alibi, seed=seed, dropout_p=dropout_p, softcap=softcap,
+                             band=(band_lo, band_hi), packed=packed)
+    return launch, mods, packed
+
+
+@torch.library.custom_op("attn_kernels::triton_fwd", mutates_args=())
+def triton_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    mask: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    scale: float, dropout_p: float, softcap: float, band_lo: Optional[int], band_hi: Optional[int],
+) -> Tuple[Tensor, Tensor]:
+    """(out like q with v's head dim, lse float32: (Z, Hq, L) padded, (Hq, total_q) packed)."""
+    launch, mods, packed = _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 scale, dropout_p, softcap, band_lo, band_hi)
+    return launch.forward(q, k, v, mods, packed)
+
+
+@triton_fwd.register_fake
+def _triton_fwd_fake(q, k, v, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                     dropout_p, softcap, band_lo, band_hi):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cu_seqlens_q is None:
+        return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("attn_kernels::triton_bwd", mutates_args=())
+def triton_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    mask: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    scale: float, dropout_p: float, softcap: float, band_lo: Optional[int], band_hi: Optional[int], need_ds: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv like q, k, v; dS float32 (Z, Hq, L, S) when need_ds, else an empty tensor)."""
+    launch, mods, packed = _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 scale, dropout_p, softcap, band_lo, band_hi)
+    dq, dk, dv, ds = launch.backward(dout, q, k, v, out, lse, dlse, mods, packed, need_ds=need_ds)
+    return dq, dk, dv, ds if ds is not None else q.new_empty((0,), dtype=torch.float32)
+
+
+@triton_bwd.register_fake
+def _triton_bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k, scale, dropout_p, softcap, band_lo, band_hi, need_ds):
+    ds_shape = (*q.shape[:-1], k.shape[-2]) if need_ds else (0,)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(ds_shape, dtype=torch.float32)
+
+
+# inputs of triton_fwd after q, k, v, mask (forwarded unchanged to triton_bwd)
+_FWD_REST = ("alibi", "seed", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "dropout_p",
+             "softcap", "band_lo", "band_hi")
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, mask, *rest = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.rest = rest
+    ctx.set_materialize_grads(False)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    if dout is None:  # only the lse was used downstream
+        dout = torch.zeros_like(out)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    need_ds = mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, ds = torch.ops.attn_kernels.triton_bwd(dout, q, k, v, out, lse, dlse, mask, *ctx.rest, need_ds)
+    # the mask input is a broadcast view: autograd sums dS back to the caller's shape
+    dmask = ds.to(mask.dtype) if need_ds else None
+    return (dq, dk, dv, dmask) + (None,) * len(_FWD_REST)
+
+
+triton_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("attn_kernels::triton_weights", mutates_args=())
+def triton_weights(
+    q: Tensor, k: Tensor, mask: Optional[Tensor], alibi: Optional[Tensor],
+    scale: float, softcap: float, band_lo: Optional[int], band_hi: Optional[int],
+) -> Tensor:
+    """P = softmax(scores), (Z, Hq, L, S) in q.dtype, for padded q (Z, Hq, L, E), k (Z, Hkv, S, E)."""
+    launch, mods, _ = _mods(q, mask, alibi, None, None, None, 0, 0, scale, 0.0, softcap, band_lo, band_hi)
+    return launch.weights(q, k, mods)
+
+
+@triton_weights.register_fake
+def _triton_weights_fake(q, k, mask, alibi, scale, softcap, band_lo, band_hi):
+    return q.new_empty((*q.shape[:-1], k.shape[-2]))
+
+
+def _weights_setup_context(ctx, inputs, output):
+    q, k, mask, alibi, scale, softcap, _, _ = inputs
+    ctx.save_for_backward(q, k, output)
+    ctx.scale, ctx.softcap = scale, softcap
+    ctx.mask_dtype = mask.dtype if mask is not None else None
+
+
+def _weights_backward(ctx, dprobs):
+    """Plain PyTorch: P itself already holds L x S values, so dS may too."""
+    q, k, probs = ctx.saved_tensors
+    p, dp = probs.float(), dprobs.float()
+    # softmax backward: dS = P * (dP - rowsum(dP * P)); also the gradient of a float mask
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dmask = ds.to(ctx.mask_dtype) if ctx.needs_input_grad[2] else None
+    group = q.shape[1] // k.shape[1]
+    k_rep = k.float().repeat_interleave(group, dim=1)
+    if ctx.softcap > 0:  # through softcap * tanh(s / softcap)
+        raw = torch.matmul(q.float(), k_rep.transpose(-2, -1)) * ctx.scale
+        ds = ds * (1 - torch.tanh(raw / ctx.softcap) ** 2)
+    ds = ds * ctx.scale
+    dq = torch.matmul(ds, k_rep)
+    dk = torch.matmul(ds.transpose(-2, -1), q.float())
+    dk = dk.reshape(k.shape[0], k.shape[1], group, *dk.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dmask, None, None, None, None, None
+
+
+triton_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
