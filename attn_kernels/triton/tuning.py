@@ -264,6 +264,11 @@ def _cuda_timer(fn: Callable) -> float:
     return do_bench(fn, warmup=10, rep=30, return_mode="median")
 
 
+def _capturing() -> bool:
+    """Inside CUDA-graph capture no search runs: timing needs synchronisation."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def gpu_of(device: torch.device) -> str:
     """The name tables are filed under; "cpu" in the interpreter, which reads none."""
     return "cpu" if interpreting() else gpu_name(device)
@@ -274,7 +279,7 @@ def run(key: Key, device: torch.device, launch: Callable) -> Blocks:
     -> the Blocks that ran."""
     gpu = gpu_of(device)
     blocks, source = choose(key, gpu)
-    if source == "default" and gpu != "cpu" and autotune_enabled():
+    if source == "default" and gpu != "cpu" and autotune_enabled() and not _capturing():
         blocks, ms, default_ms = search(key, launch, _cuda_timer)
         write_config(cache_path(gpu), key, blocks, dict(gpu=torch.cuda.get_device_name(device), **versions()),
                      ms=ms, default_ms=default_ms)
