@@ -21,6 +21,7 @@
 #   PYTHON              the interpreter with CUDA torch (default: python)
 #   GPU_CHECK_STEPS     the steps to run (default: "gpu build tests memcheck bench decode")
 #   TUNE_ARGS           arguments of the tune step (e.g. "--dims 128 --causal no")
+#   GOAL_ARGS           more arguments of the goal step (e.g. "--name h100-baseline")
 #   GPU_CHECK_LOG_DIR   where the logs go (default: bench/results/gpu_check)
 #   GPU_CHECK_STRICT=1  a step that cannot run here (no compute-sanitizer) fails instead of SKIP
 #   GPU_CHECK_ALLOW_CPU=1  go on without a GPU (to test this script; the GPU tests then skip)
@@ -107,7 +108,8 @@ step_tune() {
 
 step_goal() {
     "$PY" bench/bench_attention.py --strict --seqlens 4096 8192 16384 --headdims 64 128 --dtypes bf16 \
-        --passes fwd,bwd --impls sdpa.flash,sdpa.efficient,sdpa.cudnn,attn_kernels.triton,attn_kernels.cuda
+        --passes fwd,bwd --impls sdpa.flash,sdpa.efficient,sdpa.cudnn,attn_kernels.triton,attn_kernels.cuda \
+        ${GOAL_ARGS:-}
 }
 
 names=()
