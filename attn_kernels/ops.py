@@ -76,14 +76,19 @@ class _KernelConfig:
         return (self.alibi, self.seed, *cu, float(spec.scale), float(spec.dropout_p), float(spec.softcap), lo, hi)
 
 
+def _triton_ops():
+    """torch.ops.attn_kernels, with the Triton backend's ops registered (on first use)."""
+    from . import triton_ops  # noqa: F401
+
+    return torch.ops.attn_kernels
+
+
 def fused_attention(query, key, value, attn_mask, alibi_slopes, spec: AttentionSpec):
     """Triton forward (+ backward through autograd). Returns (out, lse) in the caller's shapes."""
-    from . import triton_ops  # noqa: F401  registers the ops
-
     q, k, v = (_as_4d(t, spec) for t in (query, key, value))
     config = _KernelConfig.build(spec, alibi_slopes)
     mask = config.kernel_mask(attn_mask if spec.has_mask else None)
-    out, lse = torch.ops.attn_kernels.triton_fwd(q, k, v, mask, *config.op_args())
+    out, lse = _triton_ops().triton_fwd(q, k, v, mask, *config.op_args())
     return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)
 
 
@@ -98,23 +103,19 @@ def cuda_attention(query, key, value, spec: AttentionSpec, deterministic: bool):
 
 def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec: AttentionSpec):
     """Packed q (total_q, Hq, E), k/v (total_k, Hkv, *) -> (out (total_q, Hq, Ev), lse (Hq, total_q))."""
-    from . import triton_ops  # noqa: F401
     from .triton.launch import Packed
 
     packed = Packed(cu_seqlens_q, cu_seqlens_k, spec.len_q, spec.len_k)
     config = _KernelConfig.build(spec, alibi_slopes, packed)
-    return torch.ops.attn_kernels.triton_fwd(q, k, v, None, *config.op_args())
+    return _triton_ops().triton_fwd(q, k, v, None, *config.op_args())
 
 
 def attention_weights(query, key, attn_mask, alibi_slopes, spec: AttentionSpec):
-    from . import triton_ops  # noqa: F401
-
     q, k = _as_4d(query, spec), _as_4d(key, spec)
     config = _KernelConfig.build(spec, alibi_slopes)
     lo, hi = spec.band()
     mask = config.kernel_mask(attn_mask if spec.has_mask else None)
-    probs = torch.ops.attn_kernels.triton_weights(q, k, mask, config.alibi, float(spec.scale), float(spec.softcap),
-                                                  lo, hi)
+    probs = _triton_ops().triton_weights(q, k, mask, config.alibi, float(spec.scale), float(spec.softcap), lo, hi)
     return probs.reshape(spec.weights_shape)
 
 

@@ -77,30 +77,27 @@ def _triton_bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi, seed, cu_seqlen
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(ds_shape, dtype=torch.float32)
 
 
-# inputs of triton_fwd after q, k, v, mask (forwarded unchanged to triton_bwd)
-_FWD_REST = ("alibi", "seed", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale", "dropout_p",
-             "softcap", "band_lo", "band_hi")
-
-
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, mask, *rest = inputs
+    q, k, v, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, *scalars = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.rest = rest
+    ctx.save_for_backward(q, k, v, out, lse, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.scalars = scalars
     ctx.set_materialize_grads(False)
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
+    q, k, v, out, lse, mask, *tensors = ctx.saved_tensors
     if dout is None:  # only the lse was used downstream
         dout = torch.zeros_like(out)
     if dlse is not None:
         dlse = dlse.float().contiguous()
     need_ds = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, ds = torch.ops.attn_kernels.triton_bwd(dout, q, k, v, out, lse, dlse, mask, *ctx.rest, need_ds)
+    dq, dk, dv, ds = torch.ops.attn_kernels.triton_bwd(dout, q, k, v, out, lse, dlse, mask, *tensors, *ctx.scalars,
+                                                       need_ds)
     # the mask input is a broadcast view: autograd sums dS back to the caller's shape
     dmask = ds.to(mask.dtype) if need_ds else None
-    return (dq, dk, dv, dmask) + (None,) * len(_FWD_REST)
+    # no gradient for alibi, seed, cu_seqlens and the 7 scalars (forwarded unchanged to triton_bwd)
+    return (dq, dk, dv, dmask) + (None,) * (4 + len(ctx.scalars))
 
 
 triton_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

@@ -27,6 +27,15 @@ def test_opcheck_forward_with_a_float_mask_gradient():
     torch.library.opcheck(torch.ops.attn_kernels.triton_fwd.default, _fwd_args(mask=mask))
 
 
+def test_opcheck_forward_with_alibi_and_dropout():
+    """Tensors besides q, k, v (ALiBi slopes, the dropout seed) reach the backward."""
+    args = list(_fwd_args(causal=True))
+    args[4] = torch.rand(2, 4, device=DEVICE)  # alibi (Z, Hq)
+    args[5] = torch.tensor([1234], device=DEVICE, dtype=torch.int64)  # seed
+    args[11] = 0.25  # dropout_p
+    torch.library.opcheck(torch.ops.attn_kernels.triton_fwd.default, tuple(args))
+
+
 def test_opcheck_weights():
     q, k, _ = make_qkv((2,), 4, 2, 17, 33, 16, 16, FP32)
     torch.library.opcheck(torch.ops.attn_kernels.triton_weights.default, (q, k, None, None, 0.25, 0.0, None, 0))

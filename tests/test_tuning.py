@@ -120,6 +120,34 @@ def test_search_takes_the_fastest_candidate_that_gives_the_same_result():
     assert space[1] == tuning.default(FWD) and default_ms == 2.0
 
 
+def test_search_keeps_16bit_outputs_that_differ_by_rounding_only():
+    """Another tiling rounds bf16 outputs differently (~1%); a 10% difference is wrong."""
+    space = [Blocks(64, 32, 4, 2), Blocks(128, 64, 8, 3), Blocks(128, 128, 8, 3)]
+    base = torch.linspace(1, 2, 64, dtype=torch.bfloat16)
+    outputs = {space[0]: base, space[1]: base * 1.01, space[2]: base * 1.1}
+    times = {space[0]: 3.0, space[1]: 2.0, space[2]: 1.0}
+    current = {}
+
+    def launch(blocks):
+        current["blocks"] = blocks
+        return (outputs[blocks],)
+
+    def timer(fn):
+        fn()
+        return times[current["blocks"]]
+
+    assert tuning.search(FWD, launch, timer, space)[0] == space[1]
+
+
+def test_no_search_during_cuda_graph_capture(files, monkeypatch):
+    monkeypatch.setenv("ATTN_KERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "gpu_of", lambda device: "fake-gpu")
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    calls = []
+    assert tuning.run(FWD, torch.device("cpu"), lambda blocks: calls.append(blocks) or ()) == tuning.default(FWD)
+    assert calls == [tuning.default(FWD)] and not tuning.cache_path("fake-gpu").exists()
+
+
 def test_run_searches_once_then_reads_the_cache(files, monkeypatch):
     """ATTN_KERNELS_AUTOTUNE=1 on a (pretend) GPU: the first launch searches and
     writes the cache; a new process (nothing remembered) reads it back."""
