@@ -20,6 +20,12 @@ import torch
 from ._checks import AttentionSpec
 
 SEED_HIGH = 2**62
+LN2 = 0.6931471805599453
+
+
+def natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The kernels' base-2 LSE as users see it: natural log (differentiable)."""
+    return lse2 * LN2
 
 
 def _as_4d(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
@@ -88,8 +94,8 @@ def fused_attention(query, key, value, attn_mask, alibi_slopes, spec: AttentionS
     q, k, v = (_as_4d(t, spec) for t in (query, key, value))
     config = _KernelConfig.build(spec, alibi_slopes)
     mask = config.kernel_mask(attn_mask if spec.has_mask else None)
-    out, lse = _triton_ops().triton_fwd(q, k, v, mask, *config.op_args())
-    return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)
+    out, lse2 = _triton_ops().triton_fwd(q, k, v, mask, *config.op_args())
+    return out.reshape(spec.out_shape), natural_lse(lse2).reshape(spec.lse_shape)
 
 
 def cuda_attention(query, key, value, spec: AttentionSpec, deterministic: bool):
@@ -107,7 +113,8 @@ def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sp
 
     packed = Packed(cu_seqlens_q, cu_seqlens_k, spec.len_q, spec.len_k)
     config = _KernelConfig.build(spec, alibi_slopes, packed)
-    return _triton_ops().triton_fwd(q, k, v, None, *config.op_args())
+    out, lse2 = _triton_ops().triton_fwd(q, k, v, None, *config.op_args())
+    return out, natural_lse(lse2)
 
 
 def attention_weights(query, key, attn_mask, alibi_slopes, spec: AttentionSpec):

@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+LOG2E = 1.4426950408889634
+
 
 def _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, softcap,
           band_lo, band_hi):
@@ -41,7 +43,10 @@ def triton_fwd(
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
     scale: float, dropout_p: float, softcap: float, band_lo: Optional[int], band_hi: Optional[int],
 ) -> Tuple[Tensor, Tensor]:
-    """(out like q with v's head dim, lse float32: (Z, Hq, L) padded, (Hq, total_q) packed)."""
+    """(out like q with v's head dim, lse2 float32: (Z, Hq, L) padded, (Hq, total_q) packed).
+
+    lse2 is in base 2 (logsumexp / ln 2), as the kernels keep it: the backward recomputes
+    P from it with no change of base. Callers convert it for users (ops.natural_lse)."""
     launch, mods, packed = _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  scale, dropout_p, softcap, band_lo, band_hi)
     return launch.forward(q, k, v, mods, packed)
@@ -89,8 +94,8 @@ def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, *tensors = ctx.saved_tensors
     if dout is None:  # only the lse was used downstream
         dout = torch.zeros_like(out)
-    if dlse is not None:
-        dlse = dlse.float().contiguous()
+    if dlse is not None:  # d/d(lse2) -> d/d(natural lse), which the kernels take
+        dlse = (dlse.float() * LOG2E).contiguous()
     need_ds = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, ds = torch.ops.attn_kernels.triton_bwd(dout, q, k, v, out, lse, dlse, mask, *tensors, *ctx.scalars,
                                                        need_ds)

@@ -11,7 +11,8 @@ with c = 1 - tanh^2(scale * q.k / softcap) under softcap, else 1.
 
 Algorithm: P is never stored. It is recomputed tile by tile from Q, K and the
 forward's LSE as exp2(s2 - lse2), with every modifier (tiling.scores_base2) and the
-same Philox dropout mask as the forward. Three kernels:
+same Philox dropout mask as the forward; the LSE is the forward's base-2 one, so P
+needs no change of base (exactly 1 where a row sees one key). Three kernels:
   1. preprocess: delta per query row;
   2. dK/dV: one program per (BLOCK_N keys, batch, key/value head), which walks the
      query tiles of every query head of its GQA group, so dK/dV of a shared head
@@ -31,7 +32,8 @@ import triton.language as tl
 
 from . import tuning
 from .launch_config import dot_precision, forward_blocks, head_block, upcast
-from .tiling import alibi_slope_log2, dropout_keep, key_range, lse_base2, query_range, scores_base2, sequence_bounds, split_program_id
+from .tiling import (alibi_slope_log2, dropout_keep, key_range, lse_shift, query_range, scores_base2, sequence_bounds,
+                     split_program_id, to_lowp)
 
 
 @triton.jit
@@ -49,14 +51,16 @@ def _bwd_preprocess_kernel(
 ):
     block_m, off_zh, off_z, off_h, _ = split_program_id(tl.program_id(0), tl.cdiv(L, BLOCK_M), H, 1)
     q_start, _, seq_len_q, _, _, _ = sequence_bounds(CuSeqQ, CuSeqK, off_z, L, S, 0, 0, VARLEN)
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = block_m * BLOCK_M
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_m = m0 + tile_m
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_ok = offs_m < seq_len_q
     mask = rows_ok[:, None] & (offs_dv[None, :] < EV)
-    Out += off_z * stride_oz + off_h * stride_oh + q_start * stride_om
-    DO += off_z * stride_dz + off_h * stride_dh + q_start * stride_dm
-    o = tl.load(Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, mask=mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd, mask=mask, other=0.0)
+    Out += off_z * stride_oz + off_h * stride_oh + (q_start + m0) * stride_om
+    DO += off_z * stride_dz + off_h * stride_dh + (q_start + m0) * stride_dm
+    o = tl.load(Out + tile_m[:, None] * stride_om + offs_dv[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + tile_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = off_z * stride_lz + off_h * stride_lh + q_start + offs_m
     if HAS_DLSE:
@@ -98,7 +102,8 @@ def _bwd_dkdv_kernel(
     if n0 >= seq_len_k:
         return
 
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tile_n = tl.arange(0, BLOCK_N)  # keys within the tile: the only int32 key offsets
+    offs_n = n0 + tile_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -107,12 +112,12 @@ def _bwd_dkdv_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
-    # this program's K and V tiles stay in registers for the whole walk
-    K += off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
-    V += off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    # this program's K and V tiles stay in registers for the whole walk (int64 bases)
+    K += off_z * stride_kz + off_hkv * stride_kh + (k_start + n0) * stride_kn
+    V += off_z * stride_vz + off_hkv * stride_vh + (k_start + n0) * stride_vn
+    k = tl.load(K + tile_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < E), other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + tile_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=col_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -133,14 +138,15 @@ def _bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             rows_ok = rows < seq_len_q
-            qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            m64 = tl.cast(start_m, tl.int64)
+            qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                          mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+            do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
                          mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
             if UPCAST:
                 qt = qt.to(tl.float32)
                 do = do.to(tl.float32)
-            lse2 = lse_base2(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
+            lse2 = lse_shift(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
             delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
             # recompute P^T for this (keys, queries) tile from the saved LSE
             st, tt = scores_base2(
@@ -156,23 +162,23 @@ def _bwd_dkdv_kernel(
                 pt_dropped = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
                 dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
             # dV += (P * D)^T dO
-            dv += tl.dot(pt_dropped.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dv += tl.dot(to_lowp(pt_dropped, DO.dtype.element_ty, UPCAST), do, input_precision=DOT_PRECISION)
             # dS^T = P^T * (dP^T - delta)
             dst = pt * (dpt - delta[None, :])
             if STORE_DS:
-                ds_ptrs = DS + off_zh * L * S + rows[None, :] * S + offs_n[:, None]
+                ds_ptrs = DS + (off_zh * L + m64) * S + n0 + offs_m[None, :] * S + tile_n[:, None]
                 tl.store(ds_ptrs, dst, mask=col_ok[:, None] & rows_ok[None, :])
             if SOFTCAP:
                 dst = dst * (1.0 - tt * tt)
             # dK += dS^T Q (scale applied once at the end)
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+            dk += tl.dot(to_lowp(dst, Q.dtype.element_ty, UPCAST), tl.trans(qt), input_precision=DOT_PRECISION)
 
     dk *= sm_scale
-    DK += off_z * stride_dkz + off_hkv * stride_dkh + k_start * stride_dkn
-    DV += off_z * stride_dvz + off_hkv * stride_dvh + k_start * stride_dvn
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+    DK += off_z * stride_dkz + off_hkv * stride_dkh + (k_start + n0) * stride_dkn
+    DV += off_z * stride_dvz + off_hkv * stride_dvh + (k_start + n0) * stride_dvn
+    tl.store(DK + tile_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, to_lowp(dk, DK.dtype.element_ty, UPCAST),
              mask=col_ok[:, None] & (offs_d[None, :] < E))
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+    tl.store(DV + tile_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, to_lowp(dv, DV.dtype.element_ty, UPCAST),
              mask=col_ok[:, None] & (offs_dv[None, :] < EV))
 
 
@@ -208,13 +214,14 @@ def _bwd_dq_kernel(
     if m0 >= seq_len_q:
         return
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_m = m0 + tile_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows_ok = offs_m < seq_len_q
-    Q += off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
-    DO += off_z * stride_dz + off_h * stride_dh + q_start * stride_dm
+    Q += off_z * stride_qz + off_h * stride_qh + (q_start + m0) * stride_qm
+    DO += off_z * stride_dz + off_h * stride_dh + (q_start + m0) * stride_dm
     K += off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
     V += off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
     Mask += off_z * stride_mz + off_h * stride_mh
@@ -223,24 +230,25 @@ def _bwd_dq_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=rows_ok[:, None] & (offs_d[None, :] < E), other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+    do = tl.load(DO + tile_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
                  mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     row = off_z * stride_lz + off_h * stride_lh + q_start + offs_m
-    lse2 = lse_base2(tl.load(Lse + row, mask=rows_ok, other=0.0))
+    lse2 = lse_shift(tl.load(Lse + row, mask=rows_ok, other=0.0))
     delta = tl.load(Delta + row, mask=rows_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, hi = key_range(m0, seq_len_k, band_lo, band_hi, BAND_LO, BAND_HI, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        n64 = tl.cast(start_n, tl.int64)
+        kt = tl.load(K + n64 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
-        vt = tl.load(V + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+        vt = tl.load(V + n64 * stride_vn + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=(offs_dv[:, None] < EV) & (cols[None, :] < seq_len_k), other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
@@ -259,11 +267,11 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        dq += tl.dot(to_lowp(ds, K.dtype.element_ty, UPCAST), tl.trans(kt), input_precision=DOT_PRECISION)
 
     dq *= sm_scale
-    DQ += off_z * stride_dqz + off_h * stride_dqh + q_start * stride_dqm
-    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+    DQ += off_z * stride_dqz + off_h * stride_dqh + (q_start + m0) * stride_dqm
+    tl.store(DQ + tile_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, to_lowp(dq, DQ.dtype.element_ty, UPCAST),
              mask=rows_ok[:, None] & (offs_d[None, :] < E))
 
 
@@ -271,7 +279,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
     """Launch the three backward kernels on (Z, H, N, D)-strided views.
 
     do, out (Z, Hq, *, Ev); q (Z, Hq, *, E); k (Z, Hkv, *, E); v (Z, Hkv, *, Ev); lse
-    and dlse (or None) laid out as shape.lse_strides; dq, dk, dv allocated by the
+    (base 2, from the forward) and dlse (or None; the gradient of the natural-log lse
+    users see) laid out as shape.lse_strides; dq, dk, dv allocated by the
     caller (`launch.py`) and written here (dk/dv summed over each GQA group); ds, a
     float32 (Z, Hq, L, S) buffer or None, receives dS (the gradient of a float mask).
     """

@@ -11,7 +11,9 @@ query heads that share a key/value head (rows r = (g, i), g = r // Lq) and reads
 each K/V tile once for all of them. The key range of each (b, key/value head) is cut
 into NUM_SPLITS chunks processed by separate programs (enough programs to fill the
 GPU at batch 1), each writing a normalised partial output and its LSE; the combine
-kernel merges them: lse = logsumexp_s(lse_s), O = sum_s exp(lse_s - lse) O_s.
+kernel merges them: lse = logsumexp_s(lse_s), O = sum_s exp(lse_s - lse) O_s. The
+partial LSEs stay in base 2 (no change of base before the merge); only the merged
+lse is converted to natural log for the caller.
 Paged caches: key position j lives in block block_table[b, j // BLOCK_SIZE] at row
 j % BLOCK_SIZE, looked up per column, so any block size works with any BLOCK_N.
 
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch_config import LOG2E, dot_precision, head_block, upcast
-from .tiling import tanh
+from .tiling import tanh, to_lowp
 
 LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(LOG2E)
@@ -65,7 +67,8 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + pos[:, None] * stride_qm + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+    q_rows = off_b * stride_qb + pos[:, None].to(tl.int64) * stride_qm + head[:, None] * stride_qh
+    q = tl.load(Q + q_rows + offs_d[None, :] * stride_qd,
                 mask=rows_ok[:, None] & (offs_d[None, :] < E), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -95,9 +98,9 @@ def _decode_split_kernel(
             block = tl.load(BlockTable + off_b * stride_tb + cols // BLOCK_SIZE, mask=cols_ok, other=0).to(tl.int64)
             k_rows = block * stride_kb + (cols % BLOCK_SIZE) * stride_kn
             v_rows = block * stride_vb + (cols % BLOCK_SIZE) * stride_vn
-        else:
-            k_rows = off_b * stride_kb + cols * stride_kn
-            v_rows = off_b * stride_vb + cols * stride_vn
+        else:  # int64 base per tile: S_max x Hkv x D can pass 2^31
+            k_rows = off_b * stride_kb + tl.cast(start_n, tl.int64) * stride_kn + offs_n * stride_kn
+            v_rows = off_b * stride_vb + tl.cast(start_n, tl.int64) * stride_vn + offs_n * stride_vn
         kt = tl.load(KCache + off_hkv * stride_kh + k_rows[None, :] + offs_d[:, None] * stride_kd,
                      mask=cols_ok[None, :] & (offs_d[:, None] < E), other=0.0)
         v = tl.load(VCache + off_hkv * stride_vh + v_rows[:, None] + offs_dv[None, :] * stride_vd,
@@ -128,13 +131,14 @@ def _decode_split_kernel(
         p = tl.math.exp2(s - shift[:, None])
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(to_lowp(p, VCache.dtype.element_ty, UPCAST), v,
+                                            input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # partial result of this split: normalised output and natural-log LSE (-inf if empty)
+    # partial result of this split: normalised output and base-2 LSE (-inf if empty)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     part = ((off_b * HKV * GROUP + head) * LQ + pos) * NUM_SPLITS + split
-    tl.store(LsePart + part, (m_i + tl.math.log2(l_safe)) * LN2, mask=rows_ok)
+    tl.store(LsePart + part, m_i + tl.math.log2(l_safe), mask=rows_ok)
     tl.store(OPart + part[:, None] * EV + offs_dv[None, :], acc / l_safe[:, None],
              mask=rows_ok[:, None] & (offs_dv[None, :] < EV))
 
@@ -144,7 +148,7 @@ def _decode_combine_kernel(
     OPart, LsePart, Out, Lse,
     stride_ob, stride_om, stride_oh, stride_od,
     HQ, LQ, EV, NUM_SPLITS,
-    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # program -> one (batch, head, query position) row; merges its splits
     row = tl.program_id(0).to(tl.int64)
@@ -156,15 +160,16 @@ def _decode_combine_kernel(
     lse_s = tl.load(LsePart + row * NUM_SPLITS + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
     m = tl.max(lse_s, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - shift)  # split weights; empty splits (lse -inf) weigh 0
+    w = tl.math.exp2(lse_s - shift)  # split weights; empty splits (lse -inf) weigh 0
     total = tl.sum(w, 0)
     o_s = tl.load(OPart + (row * NUM_SPLITS + offs_s[:, None]) * EV + offs_dv[None, :],
                   mask=(offs_s[:, None] < NUM_SPLITS) & (offs_dv[None, :] < EV), other=0.0)
     total_safe = tl.where(total == 0.0, 1.0, total)
     out = tl.sum(o_s * w[:, None], 0) / total_safe
     tl.store(Out + off_b * stride_ob + pos * stride_om + off_h * stride_oh + offs_dv * stride_od,
-             out.to(Out.dtype.element_ty), mask=offs_dv < EV)
-    tl.store(Lse + row, tl.where(total == 0.0, float("-inf"), shift + tl.log(total_safe)))
+             to_lowp(out, Out.dtype.element_ty, UPCAST), mask=offs_dv < EV)
+    # the caller's lse: natural log
+    tl.store(Lse + row, tl.where(total == 0.0, float("-inf"), (shift + tl.math.log2(total_safe)) * LN2))
 
 
 def decode_blocks(group_rows: int, dim: int, dtype: torch.dtype) -> tuple:
@@ -209,5 +214,5 @@ def attention_decode(q, k_cache, v_cache, seqlens, block_table, alibi, out, lse,
         o_part, lse_part, out, lse,
         *out.stride(),
         HQ, LQ, EV, num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=head_block(EV),
+        UPCAST=upcast(q.dtype), BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=head_block(EV),
     )

@@ -3,7 +3,7 @@
 Math, in the notation of reference.py, for each batch z and query head h:
     scores = scale * Q K^T, then the modifiers of tiling.py (softcap, ALiBi, mask,
              causal / sliding-window band)
-    lse    = logsumexp(scores, -1)          float32, natural log
+    lse2   = logsumexp(scores, -1) / ln 2   float32, base 2 (users get lse2 * ln 2)
     O      = dropout(softmax(scores)) V
 
 Algorithm: one program per (BLOCK_M query rows, z, h). It streams K and V in
@@ -29,9 +29,7 @@ import triton.language as tl
 
 from . import tuning
 from .launch_config import dot_precision, head_block, upcast
-from .tiling import alibi_slope_log2, dropout_keep, key_range, scores_base2, sequence_bounds, split_program_id
-
-LN2 = tl.constexpr(0.6931471805599453)
+from .tiling import alibi_slope_log2, dropout_keep, key_range, scores_base2, sequence_bounds, split_program_id, to_lowp
 
 
 @triton.jit
@@ -67,13 +65,15 @@ def _attn_fwd_kernel(
     if m0 >= seq_len_q:  # a packed sequence shorter than the longest
         return
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)  # rows within the tile: the only int32 row offsets
+    offs_m = m0 + tile_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < seq_len_q
 
-    Q += off_z * stride_qz + off_h * stride_qh + q_start * stride_qm
+    # int64 base offsets, once per program (tiling.py: addresses past 2^31)
+    Q += off_z * stride_qz + off_h * stride_qh + (q_start + m0) * stride_qm
     K += off_z * stride_kz + off_hkv * stride_kh + k_start * stride_kn
     V += off_z * stride_vz + off_hkv * stride_vh + k_start * stride_vn
     Mask += off_z * stride_mz + off_h * stride_mh
@@ -82,7 +82,7 @@ def _attn_fwd_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < E), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -95,7 +95,8 @@ def _attn_fwd_kernel(
     lo, hi = key_range(m0, seq_len_k, band_lo, band_hi, BAND_LO, BAND_HI, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        K_tile = K + tl.cast(start_n, tl.int64) * stride_kn
+        kt = tl.load(K_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
@@ -112,7 +113,8 @@ def _attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_V:
-            v = tl.load(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            V_tile = V + tl.cast(start_n, tl.int64) * stride_vn
+            v = tl.load(V_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=(cols[:, None] < seq_len_k) & (offs_dv[None, :] < EV), other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
@@ -120,26 +122,28 @@ def _attn_fwd_kernel(
                 # dropped weights are zeroed; 1 / (1 - p) is applied once in the epilogue
                 p = tl.where(dropout_keep(seed, off_zh, offs_m, cols, L, S, dropout_p, False), p, 0.0)
             # P is rounded to the input dtype for the tensor-core PV product, as in FlashAttention
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(to_lowp(p, V.dtype.element_ty, UPCAST), v,
+                                                input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # epilogue: lse back to natural log; rows with no allowed key get O = 0, lse = -inf
+    # epilogue: base-2 lse (exact: m_i when one key is visible); rows with no allowed
+    # key get O = 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    lse = (m_i + tl.math.log2(l_safe)) * LN2
-    tl.store(Lse + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse, mask=row_ok)
+    lse2 = m_i + tl.math.log2(l_safe)
+    tl.store(Lse + off_z * stride_lz + off_h * stride_lh + q_start + offs_m, lse2, mask=row_ok)
     if HAS_V:
         out = acc / l_safe[:, None]
         if DROPOUT:
             out = out / (1.0 - dropout_p)
-        Out += off_z * stride_oz + off_h * stride_oh + q_start * stride_om
-        tl.store(Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_dv[None, :] < EV))
+        Out += off_z * stride_oz + off_h * stride_oh + (q_start + m0) * stride_om
+        tl.store(Out + tile_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                 to_lowp(out, Out.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < EV))
 
 
 def attention_fwd(q, k, v, lse, out, shape, mods):
     """Launch on (Z, H, N, D) views (see launch.py): q (Z, Hq, *, E), k (Z, Hkv, *, E),
     v (Z, Hkv, *, Ev) or None, out like q with Ev (or None), lse float32 laid out as
-    shape.lse_strides. `mods` carries the score modifiers' kernel arguments."""
+    shape.lse_strides, written in base 2. `mods` carries the score modifiers' kernel arguments."""
     v_arg = v if v is not None else k  # without V the kernel never reads V / Out
     o_arg = out if out is not None else q
 

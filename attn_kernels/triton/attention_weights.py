@@ -7,7 +7,8 @@ weights before it.
 
 Algorithm: the forward kernel runs without V to produce the LSE (O(L) memory); then
 one program per (BLOCK_M queries, BLOCK_N keys, batch, head) recomputes its tile of
-scores and writes exp2(s2 - lse2). It writes L x S values: it is for looking at what
+scores and writes exp2(s2 - lse2) with the forward's base-2 lse2 (so a row with one
+visible key gets exactly 1). It writes L x S values: it is for looking at what
 a model attends to, not for long sequences.
 """
 
@@ -18,7 +19,7 @@ import triton.language as tl
 
 from . import tuning
 from .launch_config import dot_precision, head_block, upcast
-from .tiling import alibi_slope_log2, lse_base2, scores_base2, split_program_id
+from .tiling import alibi_slope_log2, lse_shift, scores_base2, split_program_id, to_lowp
 
 
 @triton.jit
@@ -45,28 +46,35 @@ def _attn_weights_kernel(
     # program -> (key block, query block, batch, head, key/value head)
     num_n = tl.cdiv(S, BLOCK_N)
     block, off_zh, off_z, off_h, off_hkv = split_program_id(tl.program_id(0), num_n * tl.cdiv(L, BLOCK_M), H, GROUP)
-    offs_n = (block % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = (block // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = (block % num_n) * BLOCK_N
+    m0 = (block // num_n) * BLOCK_M
+    tile_n = tl.arange(0, BLOCK_N)  # offsets within the tile; the bases are int64
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_n = n0 + tile_n
+    offs_m = m0 + tile_m
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < L
     cols_ok = offs_n < S
     alibi_log2e = alibi_slope_log2(Alibi, off_z, off_h, stride_az, stride_ah, HAS_ALIBI)
 
-    q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    Q += off_z * stride_qz + off_h * stride_qh + m0.to(tl.int64) * stride_qm
+    K += off_z * stride_kz + off_hkv * stride_kh + n0.to(tl.int64) * stride_kn
+    q = tl.load(Q + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=rows_ok[:, None] & (offs_d[None, :] < E), other=0.0)
-    kt = tl.load(K + off_z * stride_kz + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+    kt = tl.load(K + tile_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_d[:, None] < E) & cols_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
-    lse2 = lse_base2(tl.load(Lse + off_z * stride_lz + off_h * stride_lh + offs_m, mask=rows_ok, other=0.0))
+    lse2 = lse_shift(tl.load(Lse + off_z * stride_lz + off_h * stride_lh + offs_m, mask=rows_ok, other=0.0))
     s, _ = scores_base2(
         tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, offs_n, L, S,
         qk_scale, softcap_scale, softcap_log2e, Mask + off_z * stride_mz + off_h * stride_mh, stride_mm, stride_mn,
         alibi_log2e, band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, False)
     p = tl.math.exp2(s - lse2[:, None])
-    p_ptrs = P + off_z * stride_pz + off_h * stride_ph + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
-    tl.store(p_ptrs, p.to(P.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+    P += off_z * stride_pz + off_h * stride_ph + m0.to(tl.int64) * stride_pm + n0.to(tl.int64) * stride_pn
+    p_ptrs = P + tile_m[:, None] * stride_pm + tile_n[None, :] * stride_pn
+    tl.store(p_ptrs, to_lowp(p, P.dtype.element_ty, UPCAST), mask=rows_ok[:, None] & cols_ok[None, :])
 
 
 def attention_weights(q, k, lse, probs, shape, mods):

@@ -24,7 +24,7 @@ def _dropout_mask_kernel(Seed, Keep, H, L, S, dropout_p, BLOCK_M: tl.constexpr, 
     rows = (block // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (block % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = dropout_keep(tl.load(Seed), off_zh, rows, cols, L, S, dropout_p, False)
-    ptrs = Keep + off_zh.to(tl.int64) * L * S + rows[:, None] * S + cols[None, :]
+    ptrs = Keep + off_zh.to(tl.int64) * L * S + rows[:, None].to(tl.int64) * S + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < L) & (cols[None, :] < S))
 
 

@@ -9,7 +9,14 @@ Score of query i and key j, in the notation of reference.py, before the softmax:
     s = -inf where  mask[i, j] is False                if MASK_KIND == 1 (boolean)
                     j - i < band_lo                    if BAND_LO (left edge of a window)
                     j - i > band_hi                    if BAND_HI (causal, right edge of a window)
-Kernels keep s in base 2 (times log2(e)) so that every exponential is one exp2.
+Kernels keep s in base 2 (times log2(e)) so that every exponential is one exp2, and
+the LSE they store for each other is base 2 too (lse2 = m2 + log2(l)): recomputing
+P = exp2(s2 - lse2) then involves no change of base, so a row with one visible key
+gets P == 1 exactly. Only the LSE handed to users is converted to natural log.
+
+Addresses: a sequence start or a row index times a stride can pass 2^31 (packed
+batches of ~500k tokens), so base offsets are formed in int64 once per program or
+per tile, and only offsets inside a tile (0 .. BLOCK - 1) multiply strides in int32.
 """
 
 import triton
@@ -35,10 +42,31 @@ def split_program_id(pid, num_blocks, H, GROUP):
 
 
 @triton.jit
-def lse_base2(lse):
-    """The forward's natural-log LSE in base 2, for recomputing P = exp2(s2 - lse2).
-    lse = -inf (a row with no allowed key) becomes +inf, so its P is 0, not NaN."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+def lse_shift(lse2):
+    """The forward's base-2 LSE as the shift for recomputing P = exp2(s2 - shift):
+    lse2 = -inf (a row with no allowed key) becomes +inf, so its P is 0, not NaN."""
+    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32. The interpreter
+    converts fp32 to bf16 by truncation where a GPU rounds; rounding first makes its
+    conversion exact, so bf16 under the interpreter computes what the GPU computes."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+
+
+@triton.jit
+def to_lowp(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x (fp32) rounded to the input dtype, as the GPU's `x.to(dtype)`: for tensor-core
+    operands (P, dS) and stores. Under UPCAST (bf16 in the interpreter) the kernel
+    computes in fp32, so the value is rounded to bf16 and kept in fp32."""
+    if UPCAST:
+        return round_bf16(x)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -111,11 +139,13 @@ def scores_base2(
         keep = keep & (c - r >= band_lo)
     if BAND_HI:
         keep = keep & (c - r <= band_hi)
+    if MASK_KIND != 0:  # an L x S mask can pass 2^31 elements: int64 offsets
+        mask_ptrs = Mask + r.to(tl.int64) * stride_mm + c.to(tl.int64) * stride_mn
     if MASK_KIND == 1:
-        allowed = tl.load(Mask + r * stride_mm + c * stride_mn, mask=keep, other=0)
+        allowed = tl.load(mask_ptrs, mask=keep, other=0)
         keep = keep & (allowed != 0)
     if MASK_KIND == 2:
-        s += tl.load(Mask + r * stride_mm + c * stride_mn, mask=keep, other=0.0).to(tl.float32) * _LOG2E
+        s += tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * _LOG2E
     return tl.where(keep, s, float("-inf")), t
 
 
@@ -135,15 +165,16 @@ def sequence_bounds(CuSeqQ, CuSeqK, off_z, L, S, band_lo, band_hi, VARLEN: tl.co
 
     Padded batches: every sequence starts at 0 with lengths L, S and the band offsets
     are absolute. Packed (VARLEN) batches: the cu_seqlens prefix sums give both, and
-    the band offsets are relative to the bottom-right diagonal (j - i = S_z - L_z)."""
+    the band offsets are relative to the bottom-right diagonal (j - i = S_z - L_z).
+    The starts are int64: they multiply strides."""
     if VARLEN:
         q_start = tl.load(CuSeqQ + off_z)
         k_start = tl.load(CuSeqK + off_z)
-        seq_len_q = tl.load(CuSeqQ + off_z + 1) - q_start
+        seq_len_q = tl.load(CuSeqQ + off_z + 1) - q_start  # int32: lengths are < 2^31
         seq_len_k = tl.load(CuSeqK + off_z + 1) - k_start
-        return q_start, k_start, seq_len_q, seq_len_k, band_lo + seq_len_k - seq_len_q, band_hi + seq_len_k - seq_len_q
+        return q_start.to(tl.int64), k_start.to(tl.int64), seq_len_q, seq_len_k, band_lo + seq_len_k - seq_len_q, band_hi + seq_len_k - seq_len_q
     else:
-        return 0, 0, L, S, band_lo, band_hi
+        return tl.zeros([], tl.int64), tl.zeros([], tl.int64), L, S, band_lo, band_hi
 
 
 @triton.jit
