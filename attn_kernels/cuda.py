@@ -14,9 +14,14 @@ linked against the CUDA runtime only, never libtorch), imported on first use. Th
 are wrapped as the custom ops `attn_kernels::cuda_fwd` and `attn_kernels::cuda_bwd`,
 registered when this module is imported (with or without `_C`), with fake (meta)
 implementations and autograd, so `torch.compile(fullgraph=True)` traces through them
-without a graph break. The ops pass `data_ptr()`, strides and the current stream to
-`_C`; inputs are copied only when their layout does not fit the kernels (last dim not
-contiguous, strides not multiples of 8 elements, pointer not 16-byte aligned).
+without a graph break. The kernels keep the log-sum-exp in base 2 (lse2 = lse / ln 2):
+the backward recomputes the probabilities from it with no change of base, so a row
+with one visible key gets P == 1 exactly at any score magnitude; cuda_fwd also returns
+the natural-log lse (lse2 * ln 2, one elementwise op), the one users see, and its
+gradient reaches the backward as the gradient of that natural-log lse. The ops pass
+`data_ptr()`, strides and the current stream to `_C`; inputs are copied only when
+their layout does not fit the kernels (last dim not contiguous, strides not multiples
+of 8 elements, pointer not 16-byte aligned).
 
 Limits: float16 / bfloat16; E = Ev in {32, 64, 96, 128, 256}; no attn_mask, dropout,
 sliding window, softcap, ALiBi or bottom-right causal with L != S (see `refusal`);
@@ -38,6 +43,8 @@ import torch
 from ._checks import AttentionSpec
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
+LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
 DTYPES = (torch.float16, torch.bfloat16)
 NOT_BUILT = "attn_kernels._C was not built (no nvcc at install time, or ATTN_KERNELS_SKIP_CUDA_BUILD=1)"
 
@@ -233,28 +240,35 @@ def _dtype_code(module, dtype: torch.dtype) -> int:
 
 
 def _forward_impl(module, q, k, v, is_causal: bool, scale: float):
-    """The forward on `module` (attn_kernels._C, or the emulator): (out, lse), contiguous."""
+    """The forward on `module` (attn_kernels._C, or the emulator): (out (Z, Hq, L, E),
+    lse2 float32 (Z, Hq, L), the log-sum-exp in base 2), contiguous."""
     _check_inputs(q, k, v)
     Z, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty((Z, Hq, L, E), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Z, Hq, L), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty((Z, Hq, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, lse2
     if S == 0:  # no keys: every row is empty
-        return out.zero_(), lse.fill_(-math.inf)
+        return out.zero_(), lse2.fill_(-math.inf)
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
     device, stream, context = _launch_env(q)
     with context:
         module.forward(
             _dtype_code(module, q.dtype), _tensor_arg(q), _tensor_arg(k), _tensor_arg(v), _tensor_arg(out),
-            lse.data_ptr(), (Z, Hq, Hkv, L, S, E), float(scale), bool(is_causal), device, stream,
+            lse2.data_ptr(), (Z, Hq, Hkv, L, S, E), float(scale), bool(is_causal), device, stream,
         )
-    return out, lse
+    return out, lse2
 
 
-def _backward_impl(module, dout, q, k, v, out, lse, dlse, is_causal: bool, scale: float):
-    """The backward on `module`: (dq, dk, dv), contiguous."""
+def _natural_lse(lse2: torch.Tensor) -> torch.Tensor:
+    """The user-visible lse (natural log) of the kernels' base-2 lse2."""
+    return lse2 * LN2
+
+
+def _backward_impl(module, dout, q, k, v, out, lse2, dlse, is_causal: bool, scale: float):
+    """The backward on `module`: (dq, dk, dv), contiguous. lse2 is the forward's base-2
+    log-sum-exp; dlse (or None) is the gradient reaching the natural-log lse."""
     _check_inputs(q, k, v)
     Z, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -264,14 +278,14 @@ def _backward_impl(module, dout, q, k, v, out, lse, dlse, is_causal: bool, scale
     if dq.numel() == 0 or dk.numel() == 0:  # no query or no key: no score, no gradient
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))
-    lse = lse.float().contiguous()
+    lse2 = lse2.float().contiguous()
     dlse = dlse.float().contiguous() if dlse is not None else None
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(lse2)
     device, stream, context = _launch_env(q)
     with context:
         module.backward(
             _dtype_code(module, q.dtype), _tensor_arg(q), _tensor_arg(k), _tensor_arg(v), _tensor_arg(out),
-            _tensor_arg(dout), _tensor_arg(dq), _tensor_arg(dk), _tensor_arg(dv), lse.data_ptr(),
+            _tensor_arg(dout), _tensor_arg(dq), _tensor_arg(dk), _tensor_arg(dv), lse2.data_ptr(),
             dlse.data_ptr() if dlse is not None else 0, delta.data_ptr(),
             (Z, Hq, Hkv, L, S, E), float(scale), bool(is_causal), device, stream,
         )
@@ -281,16 +295,19 @@ def _backward_impl(module, dout, q, k, v, out, lse, dlse, is_causal: bool, scale
 @torch.library.custom_op("attn_kernels::cuda_fwd", mutates_args=(), device_types="cuda")
 def cuda_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float, deterministic: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out (Z, Hq, L, E) in q.dtype, lse float32 (Z, Hq, L)); deterministic is for the backward."""
-    return _forward_impl(_require_extension(), q, k, v, is_causal, scale)
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (Z, Hq, L, E) in q.dtype, lse float32 (Z, Hq, L) in natural log, lse2 the same
+    in base 2, what the backward takes); deterministic is for the backward."""
+    out, lse2 = _forward_impl(_require_extension(), q, k, v, is_causal, scale)
+    return out, _natural_lse(lse2), lse2
 
 
 @cuda_fwd.register_fake
 def _cuda_fwd_fake(q, k, v, is_causal, scale, deterministic):
     _check_inputs(q, k, v)
     Z, Hq, L, E = q.shape
-    return q.new_empty((Z, Hq, L, E)), q.new_empty((Z, Hq, L), dtype=torch.float32)
+    stats = q.new_empty((Z, Hq, L), dtype=torch.float32)
+    return q.new_empty((Z, Hq, L, E)), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("attn_kernels::cuda_bwd", mutates_args=(), device_types="cuda")
@@ -300,34 +317,44 @@ def cuda_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    lse2: torch.Tensor,
     dlse: Optional[torch.Tensor],
     is_causal: bool,
     scale: float,
     deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous; dlse (or None) is the gradient reaching lse."""
-    return _backward_impl(_require_extension(), dout, q, k, v, out, lse, dlse, is_causal, scale)
+    """(dq, dk, dv), contiguous; lse2 is cuda_fwd's base-2 lse, dlse (or None) the gradient
+    reaching its natural-log lse."""
+    return _backward_impl(_require_extension(), dout, q, k, v, out, lse2, dlse, is_causal, scale)
 
 
 @cuda_bwd.register_fake
-def _cuda_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, deterministic):
+def _cuda_bwd_fake(dout, q, k, v, out, lse2, dlse, is_causal, scale, deterministic):
     _check_inputs(q, k, v)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, is_causal, scale, deterministic = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    out, _, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2)
     ctx.flags = (is_causal, scale, deterministic)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+def _natural_lse_grad(dlse: Optional[torch.Tensor], dlse2: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The gradient reaching the natural-log lse from those reaching cuda_fwd's lse and
+    lse2 outputs (lse2 = lse * log2(e)); None when neither was used."""
+    if dlse2 is None:
+        return dlse
+    return dlse2 * LOG2E if dlse is None else dlse + dlse2 * LOG2E
+
+
+def _backward(ctx, dout, dlse, dlse2):
+    q, k, v, out, lse2 = ctx.saved_tensors
     if dout is None:  # only lse was used downstream
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.attn_kernels.cuda_bwd(dout, q, k, v, out, lse, dlse, *ctx.flags)
+    dlse = _natural_lse_grad(dlse, dlse2)
+    dq, dk, dv = torch.ops.attn_kernels.cuda_bwd(dout, q, k, v, out, lse2, dlse, *ctx.flags)
     return dq, dk, dv, None, None, None
 
 
@@ -341,4 +368,5 @@ def fused_attention(
     tensors q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, E) of any strides;
     differentiable in q, k, v (and through lse). The caller has checked the call with
     `refusal`."""
-    return torch.ops.attn_kernels.cuda_fwd(q, k, v, bool(is_causal), float(scale), bool(deterministic))
+    out, lse, _ = torch.ops.attn_kernels.cuda_fwd(q, k, v, bool(is_causal), float(scale), bool(deterministic))
+    return out, lse

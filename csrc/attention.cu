@@ -83,6 +83,12 @@ Status check_sizes(const Sizes& s, DType dtype, double scale) {
   if (!compiled) {
     return invalid("head dim " + std::to_string(s.head_dim) + " is not compiled (supported: 32, 64, 96, 128, 256)");
   }
+  // element counts (computed by the callers in int64) must not overflow: < 2^62 each
+  const int64_t rows_q = s.batch * s.heads_q, rows_kv = s.batch * s.heads_kv;  // < 2^31 each
+  if ((s.len_q > 0 && rows_q > (int64_t{1} << 62) / (s.len_q * s.head_dim)) ||
+      (s.len_k > 0 && rows_kv > (int64_t{1} << 62) / (s.len_k * s.head_dim))) {
+    return invalid("tensor sizes must have fewer than 2^62 elements");
+  }
   if (!std::isfinite(scale)) return invalid("scale must be finite");
   return ok();
 }
@@ -132,6 +138,7 @@ void set_problem(Params& p, const Sizes& s, double scale, bool causal) {
   p.heads_kv = static_cast<int>(s.heads_kv);
   p.len_q = static_cast<int>(s.len_q);
   p.len_k = static_cast<int>(s.len_k);
+  p.head_dim = static_cast<int>(s.head_dim);
   p.scale_log2 = static_cast<float>(scale * kLog2e);
   p.causal = causal;
 }
@@ -147,7 +154,7 @@ Status attention_forward(const ForwardArgs& a) {
   if (st.code == StatusCode::kOk) st = check_tensor("k", a.k, kv_elems);
   if (st.code == StatusCode::kOk) st = check_tensor("v", a.v, kv_elems);
   if (st.code == StatusCode::kOk) st = check_tensor("out", a.out, q_elems);
-  if (st.code == StatusCode::kOk) st = check_rows("lse", a.lse, s.batch * s.heads_q * s.len_q);
+  if (st.code == StatusCode::kOk) st = check_rows("lse2", a.lse2, s.batch * s.heads_q * s.len_q);
   if (st.code != StatusCode::kOk) return st;
   if (q_elems == 0) return ok();  // nothing to write
 
@@ -156,7 +163,7 @@ Status attention_forward(const ForwardArgs& a) {
   p.k = reinterpret_cast<const void*>(a.k[0]);
   p.v = reinterpret_cast<const void*>(a.v[0]);
   p.out = reinterpret_cast<void*>(a.out[0]);
-  p.lse = reinterpret_cast<float*>(a.lse);
+  p.lse2 = reinterpret_cast<float*>(a.lse2);
   p.q_str = strides_of(a.q);
   p.k_str = strides_of(a.k);
   p.v_str = strides_of(a.v);
@@ -189,7 +196,7 @@ Status attention_backward(const BackwardArgs& a) {
   for (const auto& t : kv_like) {
     if (st.code == StatusCode::kOk) st = check_tensor(t.first, *t.second, kv_elems);
   }
-  if (st.code == StatusCode::kOk) st = check_rows("lse", a.lse, rows);
+  if (st.code == StatusCode::kOk) st = check_rows("lse2", a.lse2, rows);
   if (st.code == StatusCode::kOk) st = check_rows("delta", a.delta, rows);
   if (st.code == StatusCode::kOk) st = check_rows("dlse", a.dlse, 0);  // optional
   if (st.code != StatusCode::kOk) return st;
@@ -204,7 +211,7 @@ Status attention_backward(const BackwardArgs& a) {
   p.dq = reinterpret_cast<void*>(a.dq[0]);
   p.dk = reinterpret_cast<void*>(a.dk[0]);
   p.dv = reinterpret_cast<void*>(a.dv[0]);
-  p.lse = reinterpret_cast<const float*>(a.lse);
+  p.lse2 = reinterpret_cast<const float*>(a.lse2);
   p.dlse = reinterpret_cast<const float*>(a.dlse);  // nullptr when 0
   p.delta = reinterpret_cast<float*>(a.delta);
   p.q_str = strides_of(a.q);
@@ -216,7 +223,6 @@ Status attention_backward(const BackwardArgs& a) {
   p.dk_str = strides_of(a.dk);
   p.dv_str = strides_of(a.dv);
   set_problem(p, s, a.scale, a.causal);
-  p.head_dim = static_cast<int>(s.head_dim);
   p.scale = static_cast<float>(a.scale);
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
 

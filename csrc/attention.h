@@ -23,7 +23,7 @@ struct Sizes {
 struct ForwardArgs {
   DType dtype;
   TensorArg q, k, v, out;
-  int64_t lse;  // float32 (Z, Hq, L), contiguous
+  int64_t lse2;  // float32 (Z, Hq, L), contiguous: the log-sum-exp in base 2
   Sizes sizes;
   double scale;
   bool causal;
@@ -34,7 +34,8 @@ struct ForwardArgs {
 struct BackwardArgs {
   DType dtype;
   TensorArg q, k, v, out, dout, dq, dk, dv;
-  int64_t lse, dlse, delta;  // float32 (Z, Hq, L), contiguous; dlse may be 0 (none)
+  int64_t lse2, dlse, delta;  // float32 (Z, Hq, L), contiguous; lse2 from the forward (base 2);
+                              // dlse (w.r.t. the natural-log lse) may be 0 (none)
   Sizes sizes;
   double scale;
   bool causal;
@@ -49,7 +50,7 @@ struct Status {
   std::string message;  // names the kernel and the CUDA error when code is kCudaError
 };
 
-// out, lse = attention(q, k, v); launched on stream, not synchronised.
+// out, lse2 = attention(q, k, v); launched on stream, not synchronised.
 Status attention_forward(const ForwardArgs& args);
 
 // dq, dk, dv from dout (and dlse); three kernels on stream (delta, dK/dV, dQ).

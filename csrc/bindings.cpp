@@ -34,9 +34,9 @@ ak::DType to_dtype(int dtype) {
 }
 
 void forward(int dtype, const ak::TensorArg& q, const ak::TensorArg& k, const ak::TensorArg& v,
-             const ak::TensorArg& out, int64_t lse, const ak::Sizes& sizes, double scale, bool causal, int device,
+             const ak::TensorArg& out, int64_t lse2, const ak::Sizes& sizes, double scale, bool causal, int device,
              int64_t stream) {
-  const ak::ForwardArgs args{to_dtype(dtype), q, k, v, out, lse, sizes, scale, causal, device, stream};
+  const ak::ForwardArgs args{to_dtype(dtype), q, k, v, out, lse2, sizes, scale, causal, device, stream};
   ak::Status status;
   {
     py::gil_scoped_release no_gil;
@@ -47,9 +47,9 @@ void forward(int dtype, const ak::TensorArg& q, const ak::TensorArg& k, const ak
 
 void backward(int dtype, const ak::TensorArg& q, const ak::TensorArg& k, const ak::TensorArg& v,
               const ak::TensorArg& out, const ak::TensorArg& dout, const ak::TensorArg& dq, const ak::TensorArg& dk,
-              const ak::TensorArg& dv, int64_t lse, int64_t dlse, int64_t delta, const ak::Sizes& sizes, double scale,
-              bool causal, int device, int64_t stream) {
-  const ak::BackwardArgs args{to_dtype(dtype), q, k, v, out, dout, dq, dk, dv, lse, dlse, delta,
+              const ak::TensorArg& dv, int64_t lse2, int64_t dlse, int64_t delta, const ak::Sizes& sizes,
+              double scale, bool causal, int device, int64_t stream) {
+  const ak::BackwardArgs args{to_dtype(dtype), q, k, v, out, dout, dq, dk, dv, lse2, dlse, delta,
                               sizes, scale, causal, device, stream};
   ak::Status status;
   {
@@ -86,24 +86,25 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "forward",
       [](int dtype, const ak::TensorArg& q, const ak::TensorArg& k, const ak::TensorArg& v, const ak::TensorArg& out,
-         int64_t lse, const std::array<int64_t, 6>& sizes, double scale, bool causal, int device, int64_t stream) {
-        forward(dtype, q, k, v, out, lse, to_sizes(sizes), scale, causal, device, stream);
+         int64_t lse2, const std::array<int64_t, 6>& sizes, double scale, bool causal, int device, int64_t stream) {
+        forward(dtype, q, k, v, out, lse2, to_sizes(sizes), scale, causal, device, stream);
       },
-      py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("sizes"),
+      py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse2"), py::arg("sizes"),
       py::arg("scale"), py::arg("causal"), py::arg("device"), py::arg("stream"),
-      "Launch the forward: out, lse (float32 (Z, Hq, L)) from q, k, v. Tensors are (data_ptr, stride_batch, "
-      "stride_head, stride_row); sizes = (Z, Hq, Hkv, L, S, head_dim).");
+      "Launch the forward: out, lse2 (float32 (Z, Hq, L), the log-sum-exp in base 2) from q, k, v. Tensors are "
+      "(data_ptr, stride_batch, stride_head, stride_row); sizes = (Z, Hq, Hkv, L, S, head_dim).");
   m.def(
       "backward",
       [](int dtype, const ak::TensorArg& q, const ak::TensorArg& k, const ak::TensorArg& v, const ak::TensorArg& out,
          const ak::TensorArg& dout, const ak::TensorArg& dq, const ak::TensorArg& dk, const ak::TensorArg& dv,
-         int64_t lse, int64_t dlse, int64_t delta, const std::array<int64_t, 6>& sizes, double scale, bool causal,
+         int64_t lse2, int64_t dlse, int64_t delta, const std::array<int64_t, 6>& sizes, double scale, bool causal,
          int device, int64_t stream) {
-        backward(dtype, q, k, v, out, dout, dq, dk, dv, lse, dlse, delta, to_sizes(sizes), scale, causal, device,
+        backward(dtype, q, k, v, out, dout, dq, dk, dv, lse2, dlse, delta, to_sizes(sizes), scale, causal, device,
                  stream);
       },
       py::arg("dtype"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("dq"),
-      py::arg("dk"), py::arg("dv"), py::arg("lse"), py::arg("dlse"), py::arg("delta"), py::arg("sizes"),
+      py::arg("dk"), py::arg("dv"), py::arg("lse2"), py::arg("dlse"), py::arg("delta"), py::arg("sizes"),
       py::arg("scale"), py::arg("causal"), py::arg("device"), py::arg("stream"),
-      "Launch the backward: dq, dk, dv from dout (and dlse, 0 = none); delta is float32 (Z, Hq, L) scratch.");
+      "Launch the backward: dq, dk, dv from dout, the forward's base-2 lse2 and dlse (the gradient reaching the "
+      "natural-log lse, 0 = none); delta is float32 (Z, Hq, L) scratch.");
 }

@@ -1,8 +1,11 @@
-// The CPU emulator of cuda_emulator.h: fibers, barriers, warp collectives, cp.async,
-// ldmatrix, mma.sync, and stand-ins for the few CUDA runtime calls attention.cu makes.
+// The CPU emulator of cuda_emulator.h: fibers, schedules, barriers, warp collectives,
+// cp.async, ldmatrix, mma.sync, checked global accesses, and stand-ins for the few CUDA
+// runtime calls attention.cu makes.
 #include "cuda_emulator.h"
 
 #include <ucontext.h>
+
+#include "kernels/params.cuh"
 
 #include <cstdio>
 #include <cstdlib>
@@ -20,8 +23,13 @@ namespace {
 
 constexpr size_t kStackBytes = 512 * 1024;
 constexpr int kExchangeWords = 8;
+constexpr int kChunk = 16;  // bytes of one cp.async
 
-enum class State { kReady, kBlockBarrier, kWarpBarrier, kDone };
+// kPassed: a block barrier this thread waited at has completed, but the staggered
+// schedule has not resumed its warp yet
+enum class State { kReady, kBlockBarrier, kPassed, kWarpBarrier, kDone };
+
+enum class Schedule { kLockstep, kAscending, kDescending, kStaggered };
 
 struct Copy {
   void* dst;
@@ -31,7 +39,6 @@ struct Copy {
 
 struct Fiber {
   ucontext_t context;
-  std::unique_ptr<char[]> stack;
   State state = State::kReady;
   std::vector<std::vector<Copy>> committed;  // oldest first
   std::vector<Copy> open;
@@ -42,10 +49,14 @@ struct Block {
   int threads = 0;
   int smem_bytes = 0;
   int current = -1;
+  Schedule schedule = Schedule::kAscending;
+  Extents extents;
   const std::function<void()>* body = nullptr;
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
-  std::vector<uint64_t> exchange;  // kExchangeWords per thread
+  std::vector<std::unique_ptr<char[]>> stacks;  // one per thread, reused by every block of a launch
+  std::vector<uint64_t> exchange;               // kExchangeWords per thread
+  std::vector<int> in_flight;      // per 16-byte chunk of smem: 1 + the thread whose cp.async has not landed, or 0
 };
 
 thread_local Block* g_block = nullptr;
@@ -61,6 +72,12 @@ void fail(const std::string& message) {
     g_error = "block " + std::to_string(g_block->index) + ", thread " + std::to_string(g_block->current) + ": " +
               message;
   }
+}
+
+std::string hex(uintptr_t value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "0x%llx", static_cast<unsigned long long>(value));
+  return text;
 }
 
 void yield(State state) {
@@ -79,47 +96,82 @@ bool in_smem(const void* p, size_t bytes) {
   return c >= attn_kernels::smem && c + bytes <= attn_kernels::smem + g_block->smem_bytes;
 }
 
-// Which warps go on when several wait at a warp barrier: all of them (lockstep), or
-// only the lowest / highest, so that one warp runs ahead to its next block barrier
-// and a missing __syncthreads (a warp overwriting a stage others still read) shows.
-enum class Schedule { kLockstep, kAscending, kDescending };
-
-Schedule schedule() {
-  const char* v = std::getenv("ATTN_KERNELS_EMU_SCHEDULE");
-  if (v == nullptr || std::strcmp(v, "ascending") == 0) return Schedule::kAscending;
-  if (std::strcmp(v, "descending") == 0) return Schedule::kDescending;
-  return Schedule::kLockstep;
+size_t smem_chunk(const void* p) {
+  return static_cast<size_t>(static_cast<const unsigned char*>(p) - attn_kernels::smem) / kChunk;
 }
 
-// Release waiting warps (see Schedule), else the block if every live thread waits at
-// the block barrier. False on a deadlock.
+bool parse_schedule(Schedule* schedule) {
+  const char* v = std::getenv("ATTN_KERNELS_EMU_SCHEDULE");
+  const std::pair<const char*, Schedule> names[] = {{"lockstep", Schedule::kLockstep},
+                                                    {"ascending", Schedule::kAscending},
+                                                    {"descending", Schedule::kDescending},
+                                                    {"staggered", Schedule::kStaggered}};
+  if (v == nullptr || *v == '\0') {
+    *schedule = Schedule::kAscending;
+    return true;
+  }
+  for (const auto& name : names) {
+    if (std::strcmp(v, name.first) == 0) {
+      *schedule = name.second;
+      return true;
+    }
+  }
+  g_error = std::string("ATTN_KERNELS_EMU_SCHEDULE=") + v +
+            " is not a schedule of the emulator (lockstep, ascending, descending, staggered)";
+  return false;
+}
+
+// warp_any: some thread of the warp starting at w0 is in state s; warp_all: every live
+// one is (and one is live).
+bool warp_any(const Block& b, int w0, State s) {
+  for (int t = w0; t < w0 + 32 && t < b.threads; ++t) {
+    if (b.fibers[t].state == s) return true;
+  }
+  return false;
+}
+
+bool warp_all(const Block& b, int w0, State s) {
+  bool any = false;
+  for (int t = w0; t < w0 + 32 && t < b.threads; ++t) {
+    if (b.fibers[t].state == State::kDone) continue;
+    if (b.fibers[t].state != s) return false;
+    any = true;
+  }
+  return any;
+}
+
+void resume_warp(Block& b, int w0) {
+  for (int t = w0; t < w0 + 32 && t < b.threads; ++t) {
+    if (b.fibers[t].state != State::kDone) b.fibers[t].state = State::kReady;
+  }
+}
+
+// Called when no thread is ready: resume warps waiting at a warp barrier (see Schedule),
+// else (staggered) the next warp past the last block barrier, else complete the block
+// barrier if every live thread waits at it. False on a deadlock.
 bool release(Block& b) {
   std::vector<int> ready;  // first thread of each warp whose live lanes all wait at a warp barrier
   for (int w0 = 0; w0 < b.threads; w0 += 32) {
-    bool any = false, all = true;
-    for (int t = w0; t < w0 + 32 && t < b.threads; ++t) {
-      if (b.fibers[t].state == State::kDone) continue;
-      any = true;
-      all &= b.fibers[t].state == State::kWarpBarrier;
-    }
-    if (any && all) ready.push_back(w0);
+    if (warp_all(b, w0, State::kWarpBarrier)) ready.push_back(w0);
   }
   if (!ready.empty()) {
-    const Schedule policy = schedule();
-    if (policy == Schedule::kAscending) ready.resize(1);
-    if (policy == Schedule::kDescending) ready.erase(ready.begin(), ready.end() - 1);
-    for (int w0 : ready) {
-      for (int t = w0; t < w0 + 32 && t < b.threads; ++t) {
-        if (b.fibers[t].state != State::kDone) b.fibers[t].state = State::kReady;
-      }
-    }
+    if (b.schedule == Schedule::kAscending || b.schedule == Schedule::kStaggered) ready.resize(1);
+    if (b.schedule == Schedule::kDescending) ready.erase(ready.begin(), ready.end() - 1);
+    for (int w0 : ready) resume_warp(b, w0);
     return true;
   }
-  bool all = true;
-  for (const Fiber& f : b.fibers) all &= f.state == State::kDone || f.state == State::kBlockBarrier;
-  if (!all) return false;
+  for (int w0 = 0; w0 < b.threads; w0 += 32) {
+    if (warp_any(b, w0, State::kPassed)) {
+      resume_warp(b, w0);
+      return true;
+    }
+  }
+  for (const Fiber& f : b.fibers) {
+    if (f.state != State::kDone && f.state != State::kBlockBarrier) return false;
+  }
+  const State next = b.schedule == Schedule::kStaggered ? State::kPassed : State::kReady;
   for (Fiber& f : b.fibers) {
-    if (f.state != State::kDone) f.state = State::kReady;
+    if (f.state != State::kDone) f.state = next;
   }
   return true;
 }
@@ -129,11 +181,15 @@ bool run_block(Block& b) {
   b.fibers.clear();
   b.fibers.resize(b.threads);
   b.exchange.assign(static_cast<size_t>(b.threads) * kExchangeWords, 0);
+  b.in_flight.assign(static_cast<size_t>(b.smem_bytes) / kChunk + 1, 0);
+  // staggered: the launch, too, starts the warps one at a time
+  const State start = b.schedule == Schedule::kStaggered ? State::kPassed : State::kReady;
   for (int t = 0; t < b.threads; ++t) {
     Fiber& f = b.fibers[t];
-    f.stack.reset(new char[kStackBytes]);
+    f.state = start;
+    if (b.stacks.size() <= static_cast<size_t>(t)) b.stacks.emplace_back(new char[kStackBytes]);
     getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_sp = b.stacks[t].get();
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 1, t);
@@ -148,8 +204,10 @@ bool run_block(Block& b) {
     for (const Fiber& f : b.fibers) done &= f.state == State::kDone;
     if (done) break;
     if (!release(b)) {
-      std::fprintf(stderr, "emulator: deadlock in block %u (threads wait at different barriers)\n", b.index);
-      std::abort();
+      // the fibers are abandoned mid-kernel: the kernels hold no resources on their stacks
+      b.current = 0;
+      fail("deadlock: the threads wait at different barriers");
+      return false;
     }
   }
   for (const Fiber& f : b.fibers) {
@@ -162,6 +220,7 @@ bool run_block(Block& b) {
 }
 
 void apply(const Copy& c) {
+  g_block->in_flight[smem_chunk(c.dst)] = 0;
   if (c.valid) {
     std::memcpy(c.dst, c.src, 16);
   } else {
@@ -192,7 +251,35 @@ const void* checked_row(const void* p) {
     fail("ldmatrix row address outside the dynamic shared memory or not 16-byte aligned");
     return attn_kernels::smem;
   }
+  const int owner = g_block->in_flight[smem_chunk(p)];
+  if (owner != 0) {
+    fail("ldmatrix reads shared memory (byte " + std::to_string(smem_chunk(p) * kChunk) +
+         ") that a cp.async of thread " + std::to_string(owner - 1) +
+         " has not landed yet: a missing cp.async.wait_group or __syncthreads");
+  }
   return p;
+}
+
+// Where a global access outside every extent went, for the message.
+std::string describe_miss(uintptr_t at, size_t bytes) {
+  std::string nearest;
+  uintptr_t best = UINTPTR_MAX;
+  for (const Extent& e : g_block->extents) {
+    if (e.begin <= at && at + bytes <= e.end) return std::string("inside ") + e.name + ", which this launch only reads";
+    const uintptr_t distance = at + bytes <= e.begin ? e.begin - at : at >= e.end ? at - e.end + 1 : 0;
+    if (distance < best) {
+      best = distance;
+      nearest = std::string(e.name) + " [" + hex(e.begin) + ", " + hex(e.end) + ")";
+      if (at >= e.end) {
+        nearest += ", " + std::to_string(at - e.end) + " bytes past its end";
+      } else if (at + bytes <= e.begin) {
+        nearest += ", " + std::to_string(e.begin - at) + " bytes before its start";
+      } else {
+        nearest += ", straddling its bounds";
+      }
+    }
+  }
+  return nearest.empty() ? "the launch has no tensors" : "nearest tensor: " + nearest;
 }
 
 }  // namespace
@@ -211,11 +298,13 @@ float shfl_xor(float value, int lane_mask) {
   return other;
 }
 
-bool run_grid(unsigned blocks, int threads, int smem_bytes, const std::function<void()>& body) {
+bool run_grid(unsigned blocks, int threads, int smem_bytes, Extents extents, const std::function<void()>& body) {
   g_error.clear();
   Block b;
+  if (!parse_schedule(&b.schedule)) return false;
   b.threads = threads;
   b.smem_bytes = smem_bytes;
+  b.extents = std::move(extents);
   b.body = &body;
   Block* outer = g_block;
   g_block = &b;
@@ -230,6 +319,64 @@ bool run_grid(unsigned blocks, int threads, int smem_bytes, const std::function<
 
 const char* last_error() { return g_error.c_str(); }
 
+bool check_global(const void* ptr, size_t bytes, bool store) {
+  const auto at = reinterpret_cast<uintptr_t>(ptr);
+  for (const Extent& e : g_block->extents) {
+    if (e.begin <= at && at + bytes <= e.end && (e.writable || !store)) return true;
+  }
+  fail(std::string("global ") + (store ? "store" : "load") + " of " + std::to_string(bytes) + " bytes at " + hex(at) +
+       " is outside every tensor this launch may " + (store ? "write" : "read") + " (" +
+       describe_miss(at, bytes) + ")");
+  return false;
+}
+
+namespace {
+
+// Bytes [ptr, ptr + span) of a (Z, H, N, D) 16-bit tensor with these strides; empty if
+// any size is 0.
+Extent tensor_extent(const char* name, const void* ptr, int z, int h, int n, int d, const attn_kernels::Strides& s,
+                     bool writable) {
+  const auto begin = reinterpret_cast<uintptr_t>(ptr);
+  if (z <= 0 || h <= 0 || n <= 0 || d <= 0) return {name, begin, begin, writable};
+  const int64_t span = (z - 1) * s.batch + (h - 1) * s.head + (n - 1) * s.row + d;
+  return {name, begin, begin + static_cast<uintptr_t>(span) * 2, writable};
+}
+
+Extent rows_extent(const char* name, const float* ptr, const int64_t rows, bool writable) {
+  const auto begin = reinterpret_cast<uintptr_t>(ptr);
+  return {name, begin, ptr == nullptr ? begin : begin + static_cast<uintptr_t>(rows) * sizeof(float), writable};
+}
+
+}  // namespace
+
+Extents extents_of(const attn_kernels::FwdParams& p) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.len_q;
+  return {
+      tensor_extent("q", p.q, p.batch, p.heads_q, p.len_q, p.head_dim, p.q_str, false),
+      tensor_extent("k", p.k, p.batch, p.heads_kv, p.len_k, p.head_dim, p.k_str, false),
+      tensor_extent("v", p.v, p.batch, p.heads_kv, p.len_k, p.head_dim, p.v_str, false),
+      tensor_extent("out", p.out, p.batch, p.heads_q, p.len_q, p.head_dim, p.out_str, true),
+      rows_extent("lse2", p.lse2, rows, true),
+  };
+}
+
+Extents extents_of(const attn_kernels::BwdParams& p) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.len_q;
+  return {
+      tensor_extent("q", p.q, p.batch, p.heads_q, p.len_q, p.head_dim, p.q_str, false),
+      tensor_extent("k", p.k, p.batch, p.heads_kv, p.len_k, p.head_dim, p.k_str, false),
+      tensor_extent("v", p.v, p.batch, p.heads_kv, p.len_k, p.head_dim, p.v_str, false),
+      tensor_extent("out", p.out, p.batch, p.heads_q, p.len_q, p.head_dim, p.out_str, false),
+      tensor_extent("dout", p.dout, p.batch, p.heads_q, p.len_q, p.head_dim, p.dout_str, false),
+      tensor_extent("dq", p.dq, p.batch, p.heads_q, p.len_q, p.head_dim, p.dq_str, true),
+      tensor_extent("dk", p.dk, p.batch, p.heads_kv, p.len_k, p.head_dim, p.dk_str, true),
+      tensor_extent("dv", p.dv, p.batch, p.heads_kv, p.len_k, p.head_dim, p.dv_str, true),
+      rows_extent("lse2", p.lse2, rows, false),
+      rows_extent("dlse", p.dlse, rows, false),
+      rows_extent("delta", p.delta, rows, true),
+  };
+}
+
 }  // namespace emu
 
 namespace attn_kernels {
@@ -241,6 +388,13 @@ void cp_async_16(void* smem_ptr, const void* gmem, bool valid) {
     fail("cp.async to an address outside the dynamic shared memory, or misaligned");
     return;
   }
+  if (valid && !check_global(gmem, 16, false)) valid = false;  // reported; zero-filled instead
+  int& owner = g_block->in_flight[smem_chunk(smem_ptr)];
+  if (owner != 0) {
+    fail("cp.async to shared memory (byte " + std::to_string(smem_chunk(smem_ptr) * kChunk) +
+         ") that a cp.async of thread " + std::to_string(owner - 1) + " has not landed yet");
+  }
+  owner = g_block->current + 1;
   std::memset(smem_ptr, 0xff, 16);  // not there yet
   self().open.push_back({smem_ptr, gmem, valid});
 }

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "launch_utils.cuh"
+#include "offsets.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
 
@@ -25,19 +26,19 @@ __global__ void __launch_bounds__(32 * kDeltaWarps) attention_bwd_delta_kernel(c
   const int64_t zh = row / p.len_q;
   const int h = static_cast<int>(zh % p.heads_q);
   const int z = static_cast<int>(zh / p.heads_q);
-  const T2* o = reinterpret_cast<const T2*>(static_cast<const T*>(p.out) + z * p.out_str.batch +
-                                            h * p.out_str.head + i * p.out_str.row);
-  const T2* d = reinterpret_cast<const T2*>(static_cast<const T*>(p.dout) + z * p.dout_str.batch +
-                                            h * p.dout_str.head + i * p.dout_str.row);
+  const T2* o = reinterpret_cast<const T2*>(static_cast<const T*>(p.out) + head_offset(z, h, p.out_str) +
+                                            row_offset(i, p.out_str.row));
+  const T2* d = reinterpret_cast<const T2*>(static_cast<const T*>(p.dout) + head_offset(z, h, p.dout_str) +
+                                            row_offset(i, p.dout_str.row));
   float sum = 0.0f;
   for (int j = lane; j < p.head_dim / 2; j += 32) {
-    const float2 a = unpack2(o[j]);
-    const float2 b = unpack2(d[j]);
+    const float2 a = unpack2(ld_global(o + j));
+    const float2 b = unpack2(ld_global(d + j));
     sum += a.x * b.x + a.y * b.y;
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) p.delta[row] = p.dlse != nullptr ? sum - p.dlse[row] : sum;
+  if (lane == 0) st_global(p.delta + row, p.dlse != nullptr ? sum - ld_global(p.dlse + row) : sum);
 }
 
 template <typename T>

@@ -7,11 +7,13 @@
 // Algorithm: one CTA of 4 warps per (64 keys, key/value head, z); warp w owns keys
 // 16w..16w+15, whose dK / dV accumulate in registers. K and V stay in shared memory;
 // the CTA walks the query tiles of every query head of its GQA group (one flat loop,
-// so the 2-stage cp.async pipeline of Q / dO tiles runs across heads). P^T is recomputed
-// per tile from the forward's lse as exp2(scale * log2(e) * K Q^T - lse * log2(e)),
-// never stored. The dK / dV of a shared head are summed in registers, so there are no
+// so the 2-stage cp.async pipeline of Q / dO tiles runs across heads; its iteration
+// count, group x query tiles, is 64-bit). P^T is recomputed per tile from the forward's
+// base-2 lse2 as exp2(scale * log2(e) * K Q^T - lse2), never stored; the products of
+// K Q^T are those of the forward's Q K^T, so a row with one visible key gets P == 1
+// exactly. The dK / dV of a shared head are summed in registers, so there are no
 // atomics and the result is bit-identical run to run.
-// Query rows past L read lse = +inf (P = 0) and delta = 0, so they add nothing; keys
+// Query rows past L read lse2 = +inf (P = 0) and delta = 0, so they add nothing; keys
 // past S and above the causal diagonal are masked on the tiles that need it. Causal:
 // only query tiles at or below the key block are visited.
 // With DO_DK / DO_DV one of the two products is skipped: head dim 256 runs the kernel
@@ -23,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "launch_utils.cuh"
+#include "offsets.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
 #include "smem_tile.cuh"
@@ -61,35 +64,36 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dkdv_kernel(const Bw
   // causal: query i sees key j iff j <= i, so the queries before n0 see none of these keys
   const int m_begin = p.causal ? n0 / BLOCK_M * BLOCK_M : 0;
   const int m_tiles = p.len_q > m_begin ? (p.len_q - m_begin + BLOCK_M - 1) / BLOCK_M : 0;
-  const int n_iters = group * m_tiles;  // (query head of the group, query tile) pairs
+  const int64_t n_iters = query_iterations(group, m_tiles);  // (query head of the group, query tile) pairs
 
-  const T* k = static_cast<const T*>(p.k) + z * p.k_str.batch + hkv * p.k_str.head;
-  const T* v = static_cast<const T*>(p.v) + z * p.v_str.batch + hkv * p.v_str.head;
+  const T* k = static_cast<const T*>(p.k) + head_offset(z, hkv, p.k_str);
+  const T* v = static_cast<const T*>(p.v) + head_offset(z, hkv, p.v_str);
   load_tile_async<BN, D, kThreads>(sK, k, p.k_str.row, n0, p.len_k, tid);
   if constexpr (DO_DK) load_tile_async<BN, D, kThreads>(sV, v, p.v_str.row, n0, p.len_k, tid);
 
-  // start loading iteration it's Q, dO tiles and row statistics into a stage
-  auto load_query_tile = [&](int it, int stage) {
-    const int h = hkv * group + it / m_tiles;
-    const int m0 = m_begin + (it % m_tiles) * BLOCK_M;
-    const T* q = static_cast<const T*>(p.q) + z * p.q_str.batch + h * p.q_str.head;
-    const T* dout = static_cast<const T*>(p.dout) + z * p.dout_str.batch + h * p.dout_str.head;
+  // start loading the Q, dO tiles and row statistics of (query head hkv * group +
+  // head_in_group, query tile `tile`) into a stage
+  auto load_query_tile = [&](int head_in_group, int tile, int stage) {
+    const int h = hkv * group + head_in_group;
+    const int m0 = m_begin + tile * BLOCK_M;
+    const T* q = static_cast<const T*>(p.q) + head_offset(z, h, p.q_str);
+    const T* dout = static_cast<const T*>(p.dout) + head_offset(z, h, p.dout_str);
     load_tile_async<BLOCK_M, D, kThreads>(sQ + stage * BLOCK_M * kStride, q, p.q_str.row, m0, p.len_q, tid);
     load_tile_async<BLOCK_M, D, kThreads>(sdO + stage * BLOCK_M * kStride, dout, p.dout_str.row, m0, p.len_q, tid);
-    const int64_t stats = (static_cast<int64_t>(z) * p.heads_q + h) * p.len_q;
+    const int64_t stats = stats_offset(z, h, p.heads_q, p.len_q);
     for (int r = tid; r < BLOCK_M; r += kThreads) {
       const int row = m0 + r;
       float lse2 = INFINITY, delta = 0.0f;  // rows past L: P = 0, dS = 0
       if (row < p.len_q) {
-        const float lse = p.lse[stats + row];
-        lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;  // a row with no key: P = 0, not NaN
-        delta = p.delta[stats + row];
+        const float lse2_row = ld_global(p.lse2 + stats + row);
+        lse2 = lse2_row == -INFINITY ? INFINITY : lse2_row;  // a row with no key: P = 0, not NaN
+        delta = ld_global(p.delta + stats + row);
       }
       sLse2[stage * BLOCK_M + r] = lse2;
       sDelta[stage * BLOCK_M + r] = delta;
     }
   };
-  if (n_iters > 0) load_query_tile(0, 0);
+  if (n_iters > 0) load_query_tile(0, 0, 0);
   cp_async_commit();
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -98,17 +102,23 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dkdv_kernel(const Bw
   const int g = lane >> 2, c = lane & 3;
   const int key_lo = n0 + warp * 16 + g;  // key index of accumulator rows g, g + 8
 
-  for (int it = 0; it < n_iters; ++it) {
-    const int stage = it & 1;
+  // iteration it visits query tile `tile` of head `head_in_group`; both advance by
+  // counting, so the 64-bit it is never divided
+  int head_in_group = 0, tile = 0;
+  for (int64_t it = 0; it < n_iters; ++it) {
+    const int stage = static_cast<int>(it & 1);
+    const bool last_tile = tile + 1 == m_tiles;
+    const int next_head = last_tile ? head_in_group + 1 : head_in_group;
+    const int next_tile = last_tile ? 0 : tile + 1;
     if (it + 1 < n_iters) {  // prefetch the next tile into the stage iteration it-1 used
-      load_query_tile(it + 1, stage ^ 1);
+      load_query_tile(next_head, next_tile, stage ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
-    __syncthreads();
-    const int m0 = m_begin + (it % m_tiles) * BLOCK_M;
+    __syncthreads();  // this stage's tiles, copied by every thread, are visible to all
+    const int m0 = m_begin + tile * BLOCK_M;
     const T* sQi = sQ + stage * BLOCK_M * kStride;
     const T* sdOi = sdO + stage * BLOCK_M * kStride;
     const float* lse2 = sLse2 + stage * BLOCK_M;
@@ -124,7 +134,7 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dkdv_kernel(const Bw
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = t * 8 + 2 * c + (e & 1);  // query m0 + col
-        float x = exp2f(pt[t][e] * p.scale_log2 - lse2[col]);
+        float x = exp2f(__fmul_rn(pt[t][e], p.scale_log2) - lse2[col]);
         if (masked) {
           const int key = key_lo + (e >> 1) * 8;
           if (key >= p.len_k || (p.causal && key > m0 + col)) x = 0.0f;
@@ -147,6 +157,8 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dkdv_kernel(const Bw
       warp_gemm_rn<BLOCK_M, D, D>(dk, ds, sQi, lane);
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
+    head_in_group = next_head;
+    tile = next_tile;
   }
 
   // epilogue through the warp's own rows of sK (no other warp reads them)
@@ -156,14 +168,14 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dkdv_kernel(const Bw
   if constexpr (DO_DK) {
     stage_acc<D>(sK, warp * 16, dk, p.scale, p.scale, lane);
     __syncwarp();
-    T* dk_out = static_cast<T*>(p.dk) + z * p.dk_str.batch + hkv * p.dk_str.head;
+    T* dk_out = static_cast<T*>(p.dk) + head_offset(z, hkv, p.dk_str);
     store_rows<D>(dk_out, p.dk_str.row, key0, p.len_k, sK, warp * 16, lane);
     __syncwarp();
   }
   if constexpr (DO_DV) {
     stage_acc<D>(sK, warp * 16, dv, 1.0f, 1.0f, lane);
     __syncwarp();
-    T* dv_out = static_cast<T*>(p.dv) + z * p.dv_str.batch + hkv * p.dv_str.head;
+    T* dv_out = static_cast<T*>(p.dv) + head_offset(z, hkv, p.dv_str);
     store_rows<D>(dv_out, p.dv_str.row, key0, p.len_k, sK, warp * 16, lane);
   }
 }

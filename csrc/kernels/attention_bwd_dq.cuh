@@ -6,11 +6,13 @@
 //
 // Algorithm: one CTA of 4 warps per (64 query rows, query head, z), as the forward;
 // Q and dO are staged in shared memory, K and V stream through a 2-stage cp.async
-// pipeline. Per key tile each warp recomputes P = exp2(scale * log2(e) * Q K^T - lse *
-// log2(e)) for its 16 rows, computes dP and dS in registers and accumulates dS K (dS
-// rounded to the input dtype) with the dS accumulators reused as A fragments.
-// Rows past L or with no key (lse = -inf) get P = 0. Causal: key tiles below the
-// diagonal only, longest rows first; crossing tiles and the end of K are masked.
+// pipeline. Per key tile each warp recomputes P = exp2(scale * log2(e) * Q K^T - lse2)
+// for its 16 rows from the forward's base-2 lse2 (the same unfused product as the
+// forward, so a row with one visible key gets P == 1 exactly), computes dP and dS in
+// registers and accumulates dS K (dS rounded to the input dtype) with the dS
+// accumulators reused as A fragments. Rows past L or with no key (lse2 = -inf) get
+// P = 0. Causal: key tiles below the diagonal only, longest rows first; crossing tiles
+// and the end of K are masked.
 //
 // Limits: as the forward.
 #pragma once
@@ -18,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include "launch_utils.cuh"
+#include "offsets.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
 #include "smem_tile.cuh"
@@ -50,10 +53,10 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dq_kernel(const BwdP
   const int hkv = h / (p.heads_q / p.heads_kv);
   const int m0 = m_block * BM;
 
-  const T* q = static_cast<const T*>(p.q) + z * p.q_str.batch + h * p.q_str.head;
-  const T* dout = static_cast<const T*>(p.dout) + z * p.dout_str.batch + h * p.dout_str.head;
-  const T* k = static_cast<const T*>(p.k) + z * p.k_str.batch + hkv * p.k_str.head;
-  const T* v = static_cast<const T*>(p.v) + z * p.v_str.batch + hkv * p.v_str.head;
+  const T* q = static_cast<const T*>(p.q) + head_offset(z, h, p.q_str);
+  const T* dout = static_cast<const T*>(p.dout) + head_offset(z, h, p.dout_str);
+  const T* k = static_cast<const T*>(p.k) + head_offset(z, hkv, p.k_str);
+  const T* v = static_cast<const T*>(p.v) + head_offset(z, hkv, p.v_str);
 
   const int n_end = p.causal ? min(p.len_k, m0 + BM) : p.len_k;
   const int n_tiles = (n_end + BLOCK_N - 1) / BLOCK_N;
@@ -69,7 +72,7 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dq_kernel(const BwdP
   // row statistics of accumulator rows g and g + 8
   const int g = lane >> 2, c = lane & 3;
   const int row_lo = m0 + warp * 16 + g;
-  const int64_t stats = (static_cast<int64_t>(z) * p.heads_q + h) * p.len_q;
+  const int64_t stats = stats_offset(z, h, p.heads_q, p.len_q);
   float lse2[2], delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -77,9 +80,9 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dq_kernel(const BwdP
     lse2[i] = INFINITY;  // rows past L: P = 0
     delta[i] = 0.0f;
     if (row < p.len_q) {
-      const float lse = p.lse[stats + row];
-      lse2[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      delta[i] = p.delta[stats + row];
+      const float lse2_row = ld_global(p.lse2 + stats + row);
+      lse2[i] = lse2_row == -INFINITY ? INFINITY : lse2_row;  // a row with no key: P = 0, not NaN
+      delta[i] = ld_global(p.delta + stats + row);
     }
   }
 
@@ -104,7 +107,7 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dq_kernel(const BwdP
     for (int t = 0; t < BLOCK_N / 8; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = exp2f(pr[t][e] * p.scale_log2 - lse2[e >> 1]);
+        float x = exp2f(__fmul_rn(pr[t][e], p.scale_log2) - lse2[e >> 1]);
         if (masked) {
           const int col = n0 + t * 8 + 2 * c + (e & 1);
           if (col >= p.len_k || (p.causal && col > row_lo + (e >> 1) * 8)) x = 0.0f;
@@ -130,7 +133,7 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_dq_kernel(const BwdP
   __syncthreads();
   stage_acc<D>(sQ, warp * 16, dq, p.scale, p.scale, lane);
   __syncwarp();
-  T* dq_out = static_cast<T*>(p.dq) + z * p.dq_str.batch + h * p.dq_str.head;
+  T* dq_out = static_cast<T*>(p.dq) + head_offset(z, h, p.dq_str);
   store_rows<D>(dq_out, p.dq_str.row, m0 + warp * 16, p.len_q, sQ, warp * 16, lane);
 }
 

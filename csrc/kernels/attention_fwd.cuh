@@ -3,13 +3,15 @@
 // Math, in the notation of attn_kernels/reference.py, for batch z and query head h
 // (GQA: key/value head h / (Hq / Hkv)):
 //     scores = scale * Q K^T, -inf where causal (key j > query i, top-left aligned)
-//     lse    = logsumexp(scores, -1)        float32, natural log
+//     lse2   = logsumexp(scores, -1) / ln 2   float32, base 2 (attn_kernels/cuda.py
+//                                             turns it into the natural-log lse)
 //     O      = softmax(scores) V
 //
 // Algorithm: one CTA of 4 warps per (64 query rows, h, z); warp w owns rows 16w..16w+15.
 // Q is staged in shared memory; K and V stream through a 2-stage cp.async pipeline in
 // BLOCK_N-row tiles (tile j+1 is in flight while tile j is used). Per tile, each warp:
-//   S = Q K^T (mma.m16n8k16, fp32), in base 2: s = S * scale * log2(e)
+//   S = Q K^T (mma.m16n8k16, fp32), in base 2: s = S * scale * log2(e), an unfused
+//   product (__fmul_rn) that the backward kernels recompute bit for bit
 //   online softmax in registers: running max m and sum l per row, p = exp2(s - m),
 //   the accumulator rescaled by exp2(m_old - m_new); a row that has seen no key yet
 //   shifts by 0, so nothing becomes NaN
@@ -17,8 +19,9 @@
 //   fragments (no trip through shared memory)
 // Causal: only key tiles below the diagonal are visited, in reverse block order (the
 // longest rows first); tiles crossing the diagonal or the end of K are masked.
-// Epilogue: O / l (0 for a row with no key), lse = (m + log2 l) * ln 2 (-inf then),
-// staged through the warp's own Q rows for 16-byte stores.
+// Epilogue: O / l (0 for a row with no key), lse2 = m + log2 l (-inf then; exactly m
+// when l == 1, so that a row with one visible key recomputes P = 2^(s - lse2) = 1
+// exactly), staged through the warp's own Q rows for 16-byte stores.
 //
 // Limits: D in {32, 64, 96, 128, 256}, Ev == E; fp16 / bf16; strides in multiples of 8
 // elements and 16-byte aligned pointers (checked by attention.cu).
@@ -27,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include "launch_utils.cuh"
+#include "offsets.cuh"
 #include "params.cuh"
 #include "ptx.cuh"
 #include "smem_tile.cuh"
@@ -58,9 +62,9 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const FwdPara
   const int hkv = h / (p.heads_q / p.heads_kv);
   const int m0 = m_block * BM;
 
-  const T* q = static_cast<const T*>(p.q) + z * p.q_str.batch + h * p.q_str.head;
-  const T* k = static_cast<const T*>(p.k) + z * p.k_str.batch + hkv * p.k_str.head;
-  const T* v = static_cast<const T*>(p.v) + z * p.v_str.batch + hkv * p.v_str.head;
+  const T* q = static_cast<const T*>(p.q) + head_offset(z, h, p.q_str);
+  const T* k = static_cast<const T*>(p.k) + head_offset(z, hkv, p.k_str);
+  const T* v = static_cast<const T*>(p.v) + head_offset(z, hkv, p.v_str);
 
   // keys this row block may see: causal rows m0..m0+BM-1 see keys 0..m0+BM-1
   const int n_end = p.causal ? min(p.len_k, m0 + BM) : p.len_k;
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const FwdPara
     for (int t = 0; t < BLOCK_N / 8; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[t][e] * p.scale_log2;
+        float x = __fmul_rn(s[t][e], p.scale_log2);
         if (masked) {
           const int col = n0 + t * 8 + 2 * c + (e & 1);
           const int row = row_lo + (e >> 1) * 8;
@@ -141,21 +145,22 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const FwdPara
   // epilogue; all copies (also an unused Q tile's) have landed before sQ is rewritten
   cp_async_wait<0>();
   __syncthreads();
-  float inv[2], lse[2];
+  float inv[2], lse2[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const float l = row_sum[i] == 0.0f ? 1.0f : row_sum[i];
     inv[i] = 1.0f / l;
-    lse[i] = (row_max[i] + log2f(l)) * kLn2;  // -inf for a row with no key
+    // -inf for a row with no key; m itself for l == 1, whatever log2f's approximation gives
+    lse2[i] = l == 1.0f ? row_max[i] : row_max[i] + log2f(l);
   }
   stage_acc<D>(sQ, warp * 16, acc, inv[0], inv[1], lane);
   __syncwarp();
-  T* out = static_cast<T*>(p.out) + z * p.out_str.batch + h * p.out_str.head;
+  T* out = static_cast<T*>(p.out) + head_offset(z, h, p.out_str);
   store_rows<D>(out, p.out_str.row, m0 + warp * 16, p.len_q, sQ, warp * 16, lane);
   if (c == 0) {
-    float* lse_row = p.lse + (static_cast<int64_t>(z) * p.heads_q + h) * p.len_q;
-    if (row_lo < p.len_q) lse_row[row_lo] = lse[0];
-    if (row_lo + 8 < p.len_q) lse_row[row_lo + 8] = lse[1];
+    float* lse2_row = p.lse2 + stats_offset(z, h, p.heads_q, p.len_q);
+    if (row_lo < p.len_q) st_global(lse2_row + row_lo, lse2[0]);
+    if (row_lo + 8 < p.len_q) st_global(lse2_row + row_lo + 8, lse2[1]);
   }
 }
 

@@ -1,6 +1,7 @@
 // Thin wrappers over the sm_80 PTX instructions the attention kernels are built on:
 // cp.async (global -> shared, 16 bytes, zero-fill), ldmatrix (shared -> mma fragments)
-// and mma.sync m16n8k16 (fp16 / bf16 in, fp32 accumulate). Torch-free.
+// and mma.sync m16n8k16 (fp16 / bf16 in, fp32 accumulate), plus the plain global
+// accesses (ld_global / st_global). Torch-free.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, c = lane % 4), each register
 // holding two 16-bit values, the lower-indexed one in the low half:
@@ -75,6 +76,18 @@ __device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&d)[4], const 
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Plain (non-cp.async) global loads and stores go through these two, so that the
+// emulator can bounds-check every global access of the kernels.
+template <typename T>
+__device__ __forceinline__ T ld_global(const T* ptr) {
+  return *ptr;
+}
+
+template <typename T>
+__device__ __forceinline__ void st_global(T* ptr, const T& value) {
+  *ptr = value;
 }
 
 #endif  // ATTN_KERNELS_EMULATED_PTX

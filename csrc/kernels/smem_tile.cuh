@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "offsets.cuh"
 #include "ptx.cuh"
 
 namespace attn_kernels {
@@ -35,7 +36,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
     const int row = row0 + r;
     const bool valid = row < num_rows;
     // an invalid row reads nothing; row 0 keeps the address inside the tensor anyway
-    const T* src = gmem + static_cast<int64_t>(valid ? row : 0) * row_stride + c * 8;
+    const T* src = gmem + row_offset(valid ? row : 0, row_stride) + c * 8;
     cp_async_16(smem + r * L::kStride + c * 8, src, valid);
   }
 }
@@ -146,8 +147,8 @@ __device__ __forceinline__ void store_rows(T* gmem, int64_t row_stride, int grow
     const int c = i % L::kChunks;
     const int row = grow0 + r;
     if (row < num_rows) {
-      *reinterpret_cast<uint4*>(gmem + static_cast<int64_t>(row) * row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(tile + (row0 + r) * L::kStride + c * 8);
+      st_global(reinterpret_cast<uint4*>(gmem + row_offset(row, row_stride) + c * 8),
+                *reinterpret_cast<const uint4*>(tile + (row0 + r) * L::kStride + c * 8));
     }
   }
 }
@@ -169,7 +170,7 @@ __device__ __forceinline__ void kv_pipeline_step(T* sK, T* sV, int stage, int j,
   } else {
     cp_async_wait<0>();
   }
-  __syncthreads();
+  __syncthreads();  // tile j, copied by every thread, is visible to all
 }
 
 }  // namespace attn_kernels
