@@ -10,6 +10,7 @@ from .api import (
     fused_attention_with_kvcache,
 )
 from .packing import pack, unpack
+from . import distributed  # context parallelism; needs no initialised process group to import
 
 __version__ = "0.2.0"
 
@@ -23,5 +24,6 @@ __all__ = [
     "pack",
     "unpack",
     "BackendStatus",
+    "distributed",
     "__version__",
 ]

@@ -66,3 +66,13 @@ def test_seed_example_heatmap(tmp_path):
 def test_bad_steps_are_refused():
     with pytest.raises(SystemExit):
         load_example("translation").main(["--steps", "0"])
+
+
+def test_context_parallel_llama_matches_one_process():
+    # 2 gloo processes (launched by the example) against the same training in one process, in float64
+    results = load_example("context_parallel_llama").main(["--steps", "3", "--seed", "0"])
+    assert results["world_size"] == 2 and results["scheme"] == "ring"
+    assert results["last_loss"] < results["first_loss"], results
+    assert results["max_loss_diff"] < 1e-10, results
+    assert results["max_grad_diff"] < 1e-10, results
+    assert results["max_param_diff"] < 1e-9, results
