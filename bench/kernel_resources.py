@@ -2,6 +2,7 @@
 that is not here.
 
     python bench/kernel_resources.py [--arch 90] [--dims 64 128 256] [--json out.json]
+    python bench/kernel_resources.py --variants all --dims 64 128 --dtypes bfloat16   # every kernel variant
 
 The Triton launchers in attn_kernels/triton are run on CPU tensors against a
 stand-in driver that reports a CUDA target (sm_90 by default): each launch compiles
@@ -45,7 +46,7 @@ class KernelResources:
     def row(self) -> str:
         flag = "" if self.fits else "  OVER SMEM LIMIT"
         spill = f"{self.spill_bytes:>6}" if self.spill_bytes else "     -"
-        return (f"{self.case:<30} {self.kernel:<24} {self.num_warps:>2}w {self.num_stages}s "
+        return (f"{self.case:<38} {self.kernel:<24} {self.num_warps:>2}w {self.num_stages}s "
                 f"{self.registers:>4} regs {spill} spill {self.shared_bytes / 1024:>7.1f} KiB{flag}")
 
 
@@ -150,20 +151,46 @@ def _attention_launches(dtype_name: str, dim: int, causal: bool, seqlen: int, ba
 KERNEL_OF_KIND = {"fwd": "attn_fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
 
 
+@contextlib.contextmanager
+def _variant(name: Optional[str]) -> Iterator[None]:
+    """Launches inside compile kernel variant `name` (attn_kernels/triton/variants.py);
+    None: whatever the environment selects."""
+    if name is None:
+        yield
+        return
+    from attn_kernels.triton import variants
+
+    saved = os.environ.get(variants.ENV)
+    os.environ[variants.ENV] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(variants.ENV, None)
+        else:
+            os.environ[variants.ENV] = saved
+
+
 def survey(arch: int, dims, dtypes, causals=(False, True), passes=("fwd", "bwd"), seqlen: int = 4096,
-           on_row: Optional[Callable] = None) -> list:
-    """Every kernel of the forward and backward at the tiles a launch would use here."""
+           on_row: Optional[Callable] = None, variant_names=(None,)) -> list:
+    """Every kernel of the forward and backward at the tiles a launch would use here,
+    for each kernel variant of `variant_names` (None: the one selected by default)."""
     rows = []
-    for dtype_name in dtypes:
-        for dim in dims:
-            for causal in causals:
-                for pass_ in passes:
-                    case = f"{pass_} {dtype_name} D={dim}{' causal' if causal else ''}"
-                    launch = _attention_launches(dtype_name, dim, causal, seqlen, pass_ == "bwd")
-                    for row in measure(case, launch, arch):
-                        rows.append(row)
-                        if on_row:
-                            on_row(row)
+    for name in variant_names:
+        for dtype_name in dtypes:
+            for dim in dims:
+                for causal in causals:
+                    for pass_ in passes:
+                        case = f"{pass_} {dtype_name} D={dim}{' causal' if causal else ''}"
+                        if name is not None:
+                            case = f"[{name}] {case}"
+                        launch = _attention_launches(dtype_name, dim, causal, seqlen, pass_ == "bwd")
+                        with _variant(name):
+                            found = measure(case, launch, arch)
+                        for row in found:
+                            rows.append(row)
+                            if on_row:
+                                on_row(row)
     return rows
 
 
@@ -201,6 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--space", action="store_true",
                         help="every candidate of the tuning search (attn_kernels/triton/tuning.py), not only the tiles used")
+    parser.add_argument("--variants", nargs="+",
+                        help="kernel variants to compile (names, or 'all'; default: the one selected by default)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -212,7 +241,16 @@ def main(argv=None) -> int:
     if args.space:
         rows = survey_space(args.arch, args.dims, args.dtypes, causals, args.seqlen, on_row=show)
     else:
-        rows = survey(args.arch, args.dims, args.dtypes, causals, args.passes, args.seqlen, on_row=show)
+        names = (None,)
+        if args.variants:
+            from attn_kernels.triton import variants
+
+            names = variants.names() if args.variants == ["all"] else args.variants
+            unknown = [n for n in names if n not in variants.VARIANTS]
+            if unknown:
+                parser.error(f"unknown variant {', '.join(unknown)}; known: {', '.join(variants.names())}")
+        rows = survey(args.arch, args.dims, args.dtypes, causals, args.passes, args.seqlen, on_row=show,
+                      variant_names=names)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "rows": [asdict(r) for r in rows]}, f, indent=1)

@@ -19,7 +19,10 @@ needs no change of base (exactly 1 where a row sees one key). Three kernels:
      are summed in registers: no atomics, so the result is bit-identical run to run;
      it also writes dS when a float mask needs its gradient;
   3. dQ: one program per (BLOCK_M queries, batch, query head), walking key tiles.
-Only the tiles inside the causal / window band are visited.
+Only the tiles inside the causal / window band are visited. Variant "interior"
+(variants.py) splits the query loop of dK/dV and the key loop of dQ into edge and
+interior tiles as in the forward: interior tiles recompute P = exp2(qk * qk_scale - lse2)
+with no mask and no bound.
 
 Limits: as the forward. Rows with lse = -inf (no allowed key) get zero gradients.
 """
@@ -30,10 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import tuning, variants
 from .launch_config import dot_precision, forward_blocks, head_block, upcast
-from .tiling import (alibi_slope_log2, dropout_keep, key_range, lse_shift, query_range, scores_base2, sequence_bounds,
-                     split_program_id, to_lowp)
+from .tiling import (alibi_slope_log2, dropout_keep, interior_range, key_range, lse_shift, query_range, scores_base2,
+                     sequence_bounds, split_program_id, to_lowp)
 
 
 @triton.jit
@@ -69,6 +72,72 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_tiles(
+    dk, dv, start, stop,
+    k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n, tile_n, offs_d,
+    offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale, softcap_log2e,
+    stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS, dropout_p,
+    band_lo, band_hi,
+    EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dK, dV contributions of the query tiles start, start + BLOCK_M, ... < stop of one
+    query head. EDGE: every modifier, mask and bound. Not EDGE (interior: every row
+    exists and sees every key of the block, no modifier): P^T = exp2(qk * qk_scale - lse2),
+    one FMA, no mask and no bound."""
+    for start_m in range(start, stop, BLOCK_M):
+        rows = start_m + offs_m
+        m64 = tl.cast(start_m, tl.int64)
+        rows_ok = rows < seq_len_q  # used by the EDGE path only
+        if EDGE:
+            qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
+            do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                         mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
+        else:
+            qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=offs_d[:, None] < E, other=0.0)
+            do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                         mask=offs_dv[None, :] < EV, other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        if EDGE:
+            lse2 = lse_shift(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
+            delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+            # recompute P^T for this (keys, queries) tile from the saved LSE
+            st, tt = scores_base2(
+                tl.dot(k, qt, input_precision=DOT_PRECISION), rows, offs_n, seq_len_q, seq_len_k,
+                qk_scale, softcap_scale, softcap_log2e, mask_base, stride_mm, stride_mn, alibi_log2e,
+                band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, True)
+            pt = tl.math.exp2(st - lse2[None, :])
+        else:
+            lse2 = tl.load(Lse + row_base + rows)  # finite: every row sees these keys
+            delta = tl.load(Delta + row_base + rows)
+            pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+        # dP^T = V dO^T
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        pt_dropped = pt
+        if DROPOUT:
+            keep = dropout_keep(seed, off_zh, rows, offs_n, L, S, dropout_p, True)
+            pt_dropped = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+            dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+        # dV += (P * D)^T dO
+        dv += tl.dot(to_lowp(pt_dropped, do_base.dtype.element_ty, UPCAST), do, input_precision=DOT_PRECISION)
+        # dS^T = P^T * (dP^T - delta)
+        dst = pt * (dpt - delta[None, :])
+        if STORE_DS:  # a float mask: always the EDGE path
+            ds_ptrs = DS + (off_zh * L + m64) * S + n0 + offs_m[None, :] * S + tile_n[:, None]
+            tl.store(ds_ptrs, dst, mask=col_ok[:, None] & rows_ok[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
+        # dK += dS^T Q (scale applied once at the end)
+        dk += tl.dot(to_lowp(dst, q_base.dtype.element_ty, UPCAST), tl.trans(qt), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, Lse, Delta, DS,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -87,6 +156,7 @@ def _bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     STORE_DS: tl.constexpr,
+    INTERIOR: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -127,6 +197,17 @@ def _bwd_dkdv_kernel(
 
     # only the query tiles inside the causal / window band
     lo, hi = query_range(n0, seq_len_q, band_lo, band_hi, BAND_LO, BAND_HI, BLOCK_M, BLOCK_N)
+    if INTERIOR:
+        # variant "interior": query tiles whose rows all exist and see all of this
+        # program's keys skip masks and bounds (none when the key block is ragged)
+        first_ok = 0
+        if BAND_HI:  # the tile's highest j - i is n0 + BLOCK_N - 1 - start_m
+            first_ok = n0 + BLOCK_N - 1 - band_hi
+        last_ok = seq_len_q - BLOCK_M
+        if BAND_LO:  # the tile's lowest j - i is n0 - (start_m + BLOCK_M - 1)
+            last_ok = tl.minimum(last_ok, n0 - band_lo - BLOCK_M + 1)
+        last_ok = tl.where(n0 + BLOCK_N <= seq_len_k, last_ok, -1)
+        a, b = interior_range(lo, hi, first_ok, last_ok, BLOCK_M)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         off_zh = off_z * HKV * GROUP + off_h
@@ -135,43 +216,32 @@ def _bwd_dkdv_kernel(
         row_base = off_z * stride_lz + off_h * stride_lh + q_start
         mask_base = Mask + off_z * stride_mz + off_h * stride_mh
         alibi_log2e = alibi_slope_log2(Alibi, off_z, off_h, stride_az, stride_ah, HAS_ALIBI)
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            rows_ok = rows < seq_len_q
-            m64 = tl.cast(start_m, tl.int64)
-            qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
-            do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                         mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
-            if UPCAST:
-                qt = qt.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = lse_shift(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
-            delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
-            # recompute P^T for this (keys, queries) tile from the saved LSE
-            st, tt = scores_base2(
-                tl.dot(k, qt, input_precision=DOT_PRECISION), rows, offs_n, seq_len_q, seq_len_k,
-                qk_scale, softcap_scale, softcap_log2e, mask_base, stride_mm, stride_mn, alibi_log2e,
-                band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, True)
-            pt = tl.math.exp2(st - lse2[None, :])
-            # dP^T = V dO^T
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            pt_dropped = pt
-            if DROPOUT:
-                keep = dropout_keep(seed, off_zh, rows, offs_n, L, S, dropout_p, True)
-                pt_dropped = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
-                dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
-            # dV += (P * D)^T dO
-            dv += tl.dot(to_lowp(pt_dropped, DO.dtype.element_ty, UPCAST), do, input_precision=DOT_PRECISION)
-            # dS^T = P^T * (dP^T - delta)
-            dst = pt * (dpt - delta[None, :])
-            if STORE_DS:
-                ds_ptrs = DS + (off_zh * L + m64) * S + n0 + offs_m[None, :] * S + tile_n[:, None]
-                tl.store(ds_ptrs, dst, mask=col_ok[:, None] & rows_ok[None, :])
-            if SOFTCAP:
-                dst = dst * (1.0 - tt * tt)
-            # dK += dS^T Q (scale applied once at the end)
-            dk += tl.dot(to_lowp(dst, Q.dtype.element_ty, UPCAST), tl.trans(qt), input_precision=DOT_PRECISION)
+        if INTERIOR:
+            dk, dv = _dkdv_tiles(
+                dk, dv, lo, a, k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n, tile_n, offs_d,
+                offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale, softcap_log2e,
+                stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS, dropout_p,
+                band_lo, band_hi,
+                True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, STORE_DS, UPCAST, DOT_PRECISION, BLOCK_M)
+            dk, dv = _dkdv_tiles(
+                dk, dv, a, b, k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n, tile_n, offs_d,
+                offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale, softcap_log2e,
+                stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS, dropout_p,
+                band_lo, band_hi,
+                False, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, STORE_DS, UPCAST, DOT_PRECISION, BLOCK_M)
+            dk, dv = _dkdv_tiles(
+                dk, dv, b, hi, k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n, tile_n, offs_d,
+                offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale, softcap_log2e,
+                stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS, dropout_p,
+                band_lo, band_hi,
+                True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, STORE_DS, UPCAST, DOT_PRECISION, BLOCK_M)
+        else:
+            dk, dv = _dkdv_tiles(
+                dk, dv, lo, hi, k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n, tile_n, offs_d,
+                offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale, softcap_log2e,
+                stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS, dropout_p,
+                band_lo, band_hi,
+                True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, STORE_DS, UPCAST, DOT_PRECISION, BLOCK_M)
 
     dk *= sm_scale
     DK += off_z * stride_dkz + off_hkv * stride_dkh + (k_start + n0) * stride_dkn
@@ -180,6 +250,56 @@ def _bwd_dkdv_kernel(
              mask=col_ok[:, None] & (offs_d[None, :] < E))
     tl.store(DV + tile_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, to_lowp(dv, DV.dtype.element_ty, UPCAST),
              mask=col_ok[:, None] & (offs_dv[None, :] < EV))
+
+
+@triton.jit
+def _dq_tiles(
+    dq, start, stop,
+    q, do, K, V, Mask, lse2, delta, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S,
+    qk_scale, softcap_scale, softcap_log2e, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+    EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ contributions of the key tiles start, start + BLOCK_N, ... < stop. EDGE: every
+    modifier, mask and bound. Not EDGE (interior: every row exists and sees every key of
+    the tile, no modifier): P = exp2(qk * qk_scale - lse2), one FMA, no mask, no bound."""
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        n64 = tl.cast(start_n, tl.int64)
+        if EDGE:
+            kt = tl.load(K + n64 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
+            vt = tl.load(V + n64 * stride_vn + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                         mask=(offs_dv[:, None] < EV) & (cols[None, :] < seq_len_k), other=0.0)
+        else:
+            kt = tl.load(K + n64 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=offs_d[:, None] < E, other=0.0)
+            vt = tl.load(V + n64 * stride_vn + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                         mask=offs_dv[:, None] < EV, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        if EDGE:
+            # recompute P for this tile from the saved LSE
+            s, t = scores_base2(
+                tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seq_len_q, seq_len_k,
+                qk_scale, softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, alibi_log2e, band_lo, band_hi,
+                MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, False)
+            p = tl.math.exp2(s - lse2[:, None])
+        else:
+            p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, off_zh, offs_m, cols, L, S, dropout_p, False)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        # dS = P * (dP - delta); dQ += dS K
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # EDGE path only
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(to_lowp(ds, K.dtype.element_ty, UPCAST), tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -199,6 +319,7 @@ def _bwd_dq_kernel(
     CuSeqQ, CuSeqK,
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    INTERIOR: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -243,31 +364,38 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     lo, hi = key_range(m0, seq_len_k, band_lo, band_hi, BAND_LO, BAND_HI, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n64 = tl.cast(start_n, tl.int64)
-        kt = tl.load(K + n64 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
-        vt = tl.load(V + n64 * stride_vn + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=(offs_dv[:, None] < EV) & (cols[None, :] < seq_len_k), other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        # recompute P for this tile from the saved LSE
-        s, t = scores_base2(
-            tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seq_len_q, seq_len_k,
-            qk_scale, softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, alibi_log2e, band_lo, band_hi,
-            MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, False)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(seed, off_zh, offs_m, cols, L, S, dropout_p, False)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        # dS = P * (dP - delta); dQ += dS K
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(to_lowp(ds, K.dtype.element_ty, UPCAST), tl.trans(kt), input_precision=DOT_PRECISION)
+    if INTERIOR:
+        # variant "interior": key tiles that every row of this block sees skip masks and
+        # bounds (none when the query block is ragged)
+        first_ok = 0
+        if BAND_LO:  # the tile's lowest j - i is start_n - (m0 + BLOCK_M - 1)
+            first_ok = m0 + BLOCK_M - 1 + band_lo
+        last_ok = seq_len_k - BLOCK_N
+        if BAND_HI:  # the tile's highest j - i is start_n + BLOCK_N - 1 - m0
+            last_ok = tl.minimum(last_ok, m0 + band_hi - BLOCK_N + 1)
+        last_ok = tl.where(m0 + BLOCK_M <= seq_len_q, last_ok, -1)
+        a, b = interior_range(lo, hi, first_ok, last_ok, BLOCK_N)
+        dq = _dq_tiles(
+            dq, lo, a, q, do, K, V, Mask, lse2, delta, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S,
+            qk_scale, softcap_scale, softcap_log2e, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+        dq = _dq_tiles(
+            dq, a, b, q, do, K, V, Mask, lse2, delta, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S,
+            qk_scale, softcap_scale, softcap_log2e, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            False, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+        dq = _dq_tiles(
+            dq, b, hi, q, do, K, V, Mask, lse2, delta, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S,
+            qk_scale, softcap_scale, softcap_log2e, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+    else:
+        dq = _dq_tiles(
+            dq, lo, hi, q, do, K, V, Mask, lse2, delta, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S,
+            qk_scale, softcap_scale, softcap_log2e, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
 
     dq *= sm_scale
     DQ += off_z * stride_dqz + off_h * stride_dqh + (q_start + m0) * stride_dqm
@@ -307,6 +435,10 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
     )
 
     dim = max(shape.E, shape.Ev)
+    key_dkdv = tuning.Key.of("dkdv", q.dtype, dim, mods.banded)
+    key_dq = tuning.Key.of("dq", q.dtype, dim, mods.banded)
+    interior_dkdv, blocks_dkdv = variants.plan(key_dkdv, q.device, mods.constexprs)
+    interior_dq, blocks_dq = variants.plan(key_dq, q.device, mods.constexprs)
 
     def launch_dkdv(blocks):
         _bwd_dkdv_kernel[(triton.cdiv(shape.S, blocks.BLOCK_N) * shape.Z * shape.Hkv,)](
@@ -316,6 +448,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
             mods.qk_scale, mods.scale,
             *mods.args,
             STORE_DS=ds is not None,
+            INTERIOR=interior_dkdv,
             BLOCK_M=blocks.BLOCK_M,
             BLOCK_N=blocks.BLOCK_N,
             num_warps=blocks.num_warps,
@@ -332,6 +465,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
             shape.H, shape.group, *sizes,
             mods.qk_scale, mods.scale,
             *mods.args,
+            INTERIOR=interior_dq,
             BLOCK_M=blocks.BLOCK_M,
             BLOCK_N=blocks.BLOCK_N,
             num_warps=blocks.num_warps,
@@ -341,5 +475,5 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
         )
         return (dq,)
 
-    tuning.run(tuning.Key.of("dkdv", q.dtype, dim, mods.banded), q.device, launch_dkdv)
-    tuning.run(tuning.Key.of("dq", q.dtype, dim, mods.banded), q.device, launch_dq)
+    tuning.run(key_dkdv, q.device, launch_dkdv, blocks_dkdv)
+    tuning.run(key_dq, q.device, launch_dq, blocks_dq)

@@ -17,6 +17,11 @@ scales kept probabilities by 1 / (1 - p); the denominator l is not dropped.
 VARLEN: z indexes packed sequences through cu_seqlens. With HAS_V=False only the
 LSE is computed (what `attention_weights` needs).
 
+Variants (variants.py decides per launch): INTERIOR splits the key loop into edge
+tiles [lo, a), interior tiles [a, b) and edge tiles [b, hi) (tiling.interior_range);
+interior tiles (every key exists and every row may see it, no mask / ALiBi / softcap)
+skip masks and bounds, and their scores cost one FMA, qk * qk_scale - m.
+
 Limits: head dims 1..256 (tiles padded to a power of two >= 16 and masked), any
 strides (stride 0 included), fp16 / bf16 / fp32. A row whose keys are all masked
 gets O = 0 and lse = -inf.
@@ -29,7 +34,73 @@ import triton.language as tl
 
 from . import tuning
 from .launch_config import dot_precision, head_block, upcast
-from .tiling import alibi_slope_log2, dropout_keep, key_range, scores_base2, sequence_bounds, split_program_id, to_lowp
+from . import variants
+from .tiling import (alibi_slope_log2, dropout_keep, interior_range, key_range, scores_base2, sequence_bounds,
+                     split_program_id, to_lowp)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, start, stop,
+    Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
+    softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+    alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+    EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, HAS_V: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online softmax over the key tiles start, start + BLOCK_N, ... < stop.
+    EDGE: every modifier, mask and bound (tiling.scores_base2). Not EDGE (interior
+    tiles: every key exists and is visible to every row, no modifier): no mask,
+    no bound, and the scale is one FMA, s2 - m = qk * qk_scale - m."""
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        K_tile = K + tl.cast(start_n, tl.int64) * stride_kn
+        V_tile = V + tl.cast(start_n, tl.int64) * stride_vn
+        if EDGE:
+            kt = tl.load(K_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
+        else:
+            kt = tl.load(K_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=offs_d[:, None] < E, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if EDGE:
+            # base-2 scores with every modifier; -inf where masked
+            s, _ = scores_base2(
+                qk, offs_m, cols, seq_len_q, seq_len_k,
+                qk_scale, softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, alibi_log2e, band_lo, band_hi,
+                MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, False)
+            # new running max; a row that has seen no allowed key yet shifts by 0, not -inf
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - shift[:, None])
+        else:
+            # qk_scale >= 0 here (the caller folded its sign into q): max(s2) = max(qk) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            shift = m_new  # finite: every row sees this tile's keys
+            p = tl.math.exp2(qk * qk_scale - shift[:, None])
+        # rescale the old denominator (and accumulator) to the new max
+        alpha = tl.math.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_V:
+            if EDGE:
+                v = tl.load(V_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=(cols[:, None] < seq_len_k) & (offs_dv[None, :] < EV), other=0.0)
+            else:
+                v = tl.load(V_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=offs_dv[None, :] < EV, other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            if DROPOUT:
+                # dropped weights are zeroed; 1 / (1 - p) is applied once in the epilogue
+                p = tl.where(dropout_keep(seed, off_zh, offs_m, cols, L, S, dropout_p, False), p, 0.0)
+            # P is rounded to the input dtype for the tensor-core PV product, as in FlashAttention
+            acc = acc * alpha[:, None] + tl.dot(to_lowp(p, V.dtype.element_ty, UPCAST), v,
+                                                input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -50,6 +121,7 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_V: tl.constexpr,
+    INTERIOR: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -93,38 +165,44 @@ def _attn_fwd_kernel(
 
     # only the key tiles inside the causal / window band
     lo, hi = key_range(m0, seq_len_k, band_lo, band_hi, BAND_LO, BAND_HI, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        K_tile = K + tl.cast(start_n, tl.int64) * stride_kn
-        kt = tl.load(K_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        # base-2 scores with every modifier; -inf where masked
-        s, _ = scores_base2(
-            tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seq_len_q, seq_len_k,
-            qk_scale, softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, alibi_log2e, band_lo, band_hi,
-            MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, False)
-        # new running max; a row that has seen no allowed key yet shifts by 0, not -inf
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - shift[:, None])
-        # rescale the old denominator (and accumulator) to the new max
-        alpha = tl.math.exp2(m_i - shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_V:
-            V_tile = V + tl.cast(start_n, tl.int64) * stride_vn
-            v = tl.load(V_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=(cols[:, None] < seq_len_k) & (offs_dv[None, :] < EV), other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            if DROPOUT:
-                # dropped weights are zeroed; 1 / (1 - p) is applied once in the epilogue
-                p = tl.where(dropout_keep(seed, off_zh, offs_m, cols, L, S, dropout_p, False), p, 0.0)
-            # P is rounded to the input dtype for the tensor-core PV product, as in FlashAttention
-            acc = acc * alpha[:, None] + tl.dot(to_lowp(p, V.dtype.element_ty, UPCAST), v,
-                                                input_precision=DOT_PRECISION)
-        m_i = m_new
+    if INTERIOR:
+        # variant "interior": tiles with every key visible to every row skip masks and bounds
+        first_ok = 0
+        if BAND_LO:  # the tile's lowest j - i is start_n - (m0 + BLOCK_M - 1)
+            first_ok = m0 + BLOCK_M - 1 + band_lo
+        last_ok = seq_len_k - BLOCK_N  # no ragged last tile
+        if BAND_HI:  # the tile's highest j - i is start_n + BLOCK_N - 1 - m0
+            last_ok = tl.minimum(last_ok, m0 + band_hi - BLOCK_N + 1)
+        a, b = interior_range(lo, hi, first_ok, last_ok, BLOCK_N)
+        # the interior's max is max(qk) * scale: fold a negative scale into q (exact)
+        flip = qk_scale < 0
+        q = tl.where(flip, -q, q)
+        qk_scale = tl.where(flip, -qk_scale, qk_scale)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, lo, a,
+            Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
+            softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, a, b,
+            Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
+            softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            False, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, b, hi,
+            Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
+            softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
+    else:
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, lo, hi,
+            Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
+            softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
 
     # epilogue: base-2 lse (exact: m_i when one key is visible); rows with no allowed
     # key get O = 0, lse = -inf
@@ -147,6 +225,9 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
     v_arg = v if v is not None else k  # without V the kernel never reads V / Out
     o_arg = out if out is not None else q
 
+    key = tuning.Key.of("fwd", q.dtype, max(shape.E, shape.Ev), mods.banded)
+    interior, variant_blocks = variants.plan(key, q.device, mods.constexprs)
+
     def launch(blocks):
         grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * shape.Z * shape.H,)
         _attn_fwd_kernel[grid](
@@ -156,6 +237,7 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
             mods.qk_scale,
             *mods.args,
             HAS_V=v is not None,
+            INTERIOR=interior,
             UPCAST=upcast(q.dtype),
             DOT_PRECISION=dot_precision(q.dtype),
             BLOCK_M=blocks.BLOCK_M,
@@ -168,4 +250,4 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
         )
         return out, lse
 
-    tuning.run(tuning.Key.of("fwd", q.dtype, max(shape.E, shape.Ev), mods.banded), q.device, launch)
+    tuning.run(key, q.device, launch, variant_blocks)

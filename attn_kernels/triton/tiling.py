@@ -98,6 +98,19 @@ def query_range(start_n, L, band_lo, band_hi, BAND_LO: tl.constexpr, BAND_HI: tl
 
 
 @triton.jit
+def interior_range(lo, hi, first_ok, last_ok, BLOCK: tl.constexpr):
+    """Split the tiles starting at lo, lo + BLOCK, ... (< hi) into three runs:
+    [lo, a) edge, [a, b) interior, [b, hi) edge, the interior being the tiles whose
+    start lies in [first_ok, last_ok] (no mask or bounds check needed there).
+    lo <= a <= b <= hi, and a, b are lo plus multiples of BLOCK unless equal to hi."""
+    zero = tl.zeros([], tl.int32)  # scalars that may be constexprs (a length of 1) become tensors
+    lo, hi, first_ok, last_ok = lo + zero, hi + zero, first_ok + zero, last_ok + zero
+    a = tl.minimum(lo + (tl.maximum(first_ok - lo, 0) + BLOCK - 1) // BLOCK * BLOCK, hi)
+    b = tl.minimum(a + tl.maximum(last_ok - a + BLOCK, 0) // BLOCK * BLOCK, hi)
+    return a, b
+
+
+@triton.jit
 def _grid(rows, cols, TRANSPOSED: tl.constexpr):
     """Broadcast 1-D query rows and key cols to a (queries, keys) tile, or to a
     (keys, queries) tile when TRANSPOSED (the dK/dV kernel's orientation)."""

@@ -280,17 +280,20 @@ def gpu_of(device: torch.device) -> str:
     return "cpu" if interpreting() else gpu_name(device)
 
 
-def run(key: Key, device: torch.device, launch: Callable) -> Blocks:
+def run(key: Key, device: torch.device, launch: Callable, preferred: Optional[Blocks] = None) -> Blocks:
     """Launch with the tiles this GPU should use for `key` (see the module docstring);
-    -> the Blocks that ran."""
+    -> the Blocks that ran. `preferred`: the tiles a kernel variant is defined by
+    (variants.tiles), used instead of table, cache and search (but not over `forced`)."""
     gpu = gpu_of(device)
     blocks, source = choose(key, gpu)
+    if preferred is not None and source != "forced":
+        blocks, source = preferred, "variant"
     if source == "default" and gpu != "cpu" and autotune_enabled() and not _capturing():
         blocks, ms, default_ms = search(key, launch, _cuda_timer)
         write_config(cache_path(gpu), key, blocks, dict(gpu=torch.cuda.get_device_name(device), **versions()),
                      ms=ms, default_ms=default_ms)
     ran = launch_stepping_down(blocks, launch)
-    if source != "forced":
+    if source not in ("forced", "variant"):  # a variant's tiles are not this key's for other variants
         with _lock:
             _ran[(gpu, key)] = ran
     return ran
