@@ -1,14 +1,16 @@
 """Decoding against a KV cache (`fused_attention_with_kvcache`): split-KV and paged
-caches against the float64 reference on the gathered cache, the in-place append,
-ragged lengths, GQA, window / softcap / ALiBi, and clear errors on bad input."""
+caches against a float64 oracle that gathers the cache and builds its masks from first
+principles (decode_oracle), the in-place append, ragged lengths, GQA, window / softcap
+/ ALiBi, and clear errors on bad input."""
 
 import pytest
 import torch
-from accuracy import assert_within_rule
+import oracles
+from accuracy import assert_within_rule, flash_style
 from conftest import DEVICE
 from test_attention_fwd import BF16, FP16, FP32
 
-from attn_kernels import fused_attention_with_kvcache
+from attn_kernels import fused_attention_with_kvcache, reference
 
 POISON = 1e4  # written past the valid rows: it must never be read nor overwritten
 
@@ -32,22 +34,58 @@ def make_cache(B, s_max, hkv, d, dtype, seqlens, block_size=None):
     return paged_k, paged_v, table
 
 
-def decode(q, k, v, seqlens, backend, dtype=None, **kwargs):
-    dtype = dtype or q.dtype
-    kwargs = {key: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and key != "alibi_slopes" else t)
-              for key, t in kwargs.items()}
-    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
-    k, v = k.clone().to(dtype), v.clone().to(dtype)
-    out, lse = fused_attention_with_kvcache(q.to(dtype), k, v, cache_seqlens, return_lse=True, backend=backend, **kwargs)
+def decode(q, k, v, seqlens, cache_seqlens=None, **kwargs):
+    """The Triton kernel on clones of the caches -> (out, lse, k_cache, v_cache after the call)."""
+    if cache_seqlens is None:
+        cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    k, v = k.clone(), v.clone()
+    out, lse = fused_attention_with_kvcache(q, k, v, cache_seqlens, return_lse=True, backend="triton", **kwargs)
     return out, lse, k, v
 
 
-def check_decode(q, k, v, seqlens, **kwargs):
-    out, lse, k_after, v_after = decode(q, k, v, seqlens, "triton", **kwargs)
-    lowp = decode(q, k, v, seqlens, "reference", **kwargs)
-    ref = decode(q, k, v, seqlens, "reference", torch.float64, **kwargs)
-    assert_within_rule("out", out, lowp[0], ref[0])
-    assert_within_rule("lse", lse, lowp[1], ref[1])
+def decode_oracle(q, k_cache, v_cache, k_new=None, v_new=None, *, seqlens, block_table=None, is_causal=True,
+                  window_size=(-1, -1), alibi_slopes=None, **rest):
+    """Decoding from first principles, in q's dtype: batch row b attends to its first
+    seqlens[b] cached keys (position p of a paged cache in block block_table[b, p // block_size],
+    row p % block_size) followed by k_new[b]; causal bottom-right, window and ALiBi from
+    oracles.py. -> out (B, Lq, Hq, Ev), lse (B, Hq, Lq)."""
+    outs, lses = [], []
+    Lq = q.shape[1]
+    for b, n in enumerate(seqlens):
+        pos = torch.arange(n, device=q.device)
+        if block_table is None:
+            kb, vb = k_cache[b, :n], v_cache[b, :n]
+        else:
+            blocks, rows = block_table[b, pos // k_cache.shape[1]].long(), pos % k_cache.shape[1]
+            kb, vb = k_cache[blocks, rows], v_cache[blocks, rows]
+        if k_new is not None:
+            kb, vb = torch.cat([kb, k_new[b]]), torch.cat([vb, v_new[b]])
+        S = kb.shape[0]
+        mask = oracles.sliding_window(Lq, S, *window_size, device=q.device)
+        if is_causal:
+            mask &= oracles.causal_bottom_right(Lq, S, q.device)
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            mask = torch.where(mask, oracles.alibi_bias(slopes, Lq, S).to(q.dtype), float("-inf"))
+        out, lse = reference.attention(q[b].transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), mask,
+                                       enable_gqa=True, return_lse=True, **rest)
+        outs.append(out.transpose(0, 1))
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def check_decode(q, k, v, seqlens, cache_seqlens=None, **kwargs):
+    """The kernel against decode_oracle (on the caches as they were before the call) under
+    the accuracy rule. Returns (out, k_cache, v_cache after the call)."""
+    out, lse, k_after, v_after = decode(q, k, v, seqlens, cache_seqlens, **kwargs)
+    new = [kwargs.pop(name) for name in ("k_new", "v_new") if kwargs.get(name) is not None]
+    kwargs.pop("num_splits", None)
+    oracle = lambda *xs: decode_oracle(*xs, seqlens=seqlens, **kwargs)  # noqa: E731
+    ins = [q, k, v, *new]
+    out_r, lse_r = oracle(*(t.double() for t in ins))
+    out_f, lse_f, _ = flash_style(oracle, ins, q.dtype)
+    assert_within_rule("out", out, out_r, [out_f])
+    assert_within_rule("lse", lse, lse_r, [lse_f], torch.float32)
     return out, k_after, v_after
 
 
@@ -64,14 +102,13 @@ def test_paged_cache_equals_contiguous(block_size):
     seqlens = [5, 256, 130]
     q = torch.randn(3, 1, 4, 32, device=DEVICE)
     k, v, _ = make_cache(3, 256, 2, 32, FP32, seqlens)
-    contiguous, *_ = decode(q, k, v, seqlens, "triton")
+    contiguous, *_ = decode(q, k, v, seqlens)
     pk, pv, table = make_cache(3, 256, 2, 32, FP32, seqlens, block_size)
-    pk.copy_(pk), pv.copy_(pv)
     # same contents: rebuild the paged cache from the contiguous one
     order = table.reshape(-1).long()
     pk[order] = k.reshape(-1, block_size, 2, 32)
     pv[order] = v.reshape(-1, block_size, 2, 32)
-    paged, *_ = decode(q, pk, pv, seqlens, "triton", block_table=table)
+    paged, *_ = decode(q, pk, pv, seqlens, block_table=table)
     torch.testing.assert_close(paged, contiguous, atol=1e-6, rtol=0)
     check_decode(q, pk, pv, seqlens, block_table=table)
 
@@ -102,8 +139,8 @@ def test_splits_agree(num_splits):
     seqlens = [300, 1, 77]
     k, v, _ = make_cache(3, 300, 1, 32, FP32, seqlens)
     q = torch.randn(3, 1, 4, 32, device=DEVICE)
-    out, *_ = decode(q, k, v, seqlens, "triton", num_splits=num_splits)
-    one, *_ = decode(q, k, v, seqlens, "triton", num_splits=1)
+    out, *_ = decode(q, k, v, seqlens, num_splits=num_splits)
+    one, *_ = decode(q, k, v, seqlens, num_splits=1)
     torch.testing.assert_close(out, one, atol=2e-6, rtol=0)
     check_decode(q, k, v, seqlens, num_splits=num_splits)
 
@@ -130,12 +167,20 @@ def test_variants(kwargs):
     check_decode(q, k, v, seqlens, num_splits=3, **kwargs)
 
 
+@pytest.mark.parametrize("window", [(20, 3), (3, 20), (0, 5)], ids=str)
+def test_asymmetric_windows_over_several_queries(window):
+    # 9 query rows: the right edge of the window matters for all but the last
+    seqlens = [120, 40]
+    k, v, _ = make_cache(2, 128, 2, 32, FP32, seqlens)
+    q = torch.randn(2, 9, 4, 32, device=DEVICE)
+    check_decode(q, k, v, seqlens, window_size=window, is_causal=False, num_splits=2)
+
+
 def test_int_cache_seqlens_and_full_cache():
+    # an int cache_seqlens means every row holds that many keys: here the whole cache
     k, v, _ = make_cache(2, 64, 1, 16, FP32, [64, 64])
     q = torch.randn(2, 1, 2, 16, device=DEVICE)
-    a = fused_attention_with_kvcache(q, k, v, 64, backend="triton")
-    b = fused_attention_with_kvcache(q, k, v, torch.tensor([64, 64], dtype=torch.int32, device=DEVICE), backend="triton")
-    assert torch.equal(a, b)
+    check_decode(q, k, v, [64, 64], cache_seqlens=64)
 
 
 def _bad_inputs():

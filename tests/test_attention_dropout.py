@@ -3,6 +3,7 @@ keep-mask replays a call exactly, the drop rate is p, gradients are right."""
 
 import pytest
 import torch
+from accuracy import check_against_reference
 from conftest import DEVICE
 from test_attention_fwd import FP16, FP32, fused, make_qkv
 
@@ -14,9 +15,13 @@ def _run(q, k, v, seed, p, **kwargs):
     return fused(q, k, v, dropout_p=p, **kwargs)
 
 
-def test_p_zero_is_no_dropout():
+def test_p_zero_draws_nothing_and_is_attention():
+    # p = 0 is no dropout: the call leaves the generator where it was and meets the rule
     q, k, v = make_qkv((2,), 4, 2, 50, 70, 32, 32, FP32)
-    assert torch.equal(_run(q, k, v, 0, 0.0, enable_gqa=True), fused(q, k, v, enable_gqa=True))
+    state = torch.get_rng_state()
+    fused(q, k, v, dropout_p=0.0, enable_gqa=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    check_against_reference(fused, q, k, v, dropout_p=0.0, enable_gqa=True, return_lse=True)
 
 
 def test_same_seed_same_result_other_seed_differs():

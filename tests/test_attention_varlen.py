@@ -3,7 +3,8 @@ the float64 reference per sequence and against per-sequence `fused_attention`.""
 
 import pytest
 import torch
-from accuracy import assert_within_rule
+import oracles
+from accuracy import assert_within_rule, flash_style, loss_of, typical
 from conftest import DEVICE
 from test_attention_fwd import BF16, FP16, FP32
 
@@ -20,18 +21,48 @@ def packed_inputs(lengths_q, lengths_k, hq, hkv, e, ev, dtype):
     return q, k, v, cu(lengths_q), cu(lengths_k), max(lengths_q), max(lengths_k)
 
 
-def check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
-    dout = torch.randn(q.shape[0], q.shape[1], v.shape[-1], device=DEVICE, dtype=torch.float64)
-    results = []
-    for runner, dtype in ((lambda *a, **kw: fused_attention_varlen(*a, backend="triton", **kw), q.dtype),
-                          (reference.attention_varlen, q.dtype), (reference.attention_varlen, torch.float64)):
-        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out, lse = runner(*ins, cu_q, cu_k, max_q, max_k, return_lse=True, **kwargs)
-        grads = torch.autograd.grad((out * dout.to(dtype)).sum(), ins) if out.numel() else (None,) * 3
-        results.append((out, lse, *grads))
-    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
-        if results[0][i] is not None:
-            assert_within_rule(name, *(r[i] for r in results))
+def varlen_oracle(q, k, v, cu_q, cu_k, *, is_causal=False, window_size=(-1, -1), alibi_slopes=None,
+                  dropout_mask=None, **rest):
+    """Packed attention from first principles: one reference.attention call per sequence,
+    its causal (bottom-right) / window / ALiBi masks built by oracles.py. dropout_mask:
+    a list of per-sequence (Hq, L_i, S_i) keep-masks. -> out (total_q, Hq, Ev), lse (Hq, total_q)."""
+    outs, lses = [], []
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(bq) - 1):
+        qi, ki, vi = (t[a:b].transpose(0, 1) for t, a, b in ((q, bq[i], bq[i + 1]), (k, bk[i], bk[i + 1]),
+                                                             (v, bk[i], bk[i + 1])))
+        L, S = qi.shape[1], ki.shape[1]
+        mask = oracles.sliding_window(L, S, *window_size, device=q.device)
+        if is_causal:
+            mask &= oracles.causal_bottom_right(L, S, q.device)
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[i]
+            mask = torch.where(mask, oracles.alibi_bias(slopes, L, S).to(q.dtype), float("-inf"))
+        keep = None if dropout_mask is None else dropout_mask[i]
+        out, lse = reference.attention(qi, ki, vi, mask, enable_gqa=True, return_lse=True, dropout_mask=keep, **rest)
+        outs.append(out.transpose(0, 1))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+def check_varlen(q, k, v, cu_q, cu_k, max_q, max_k, lse_grad=True, dropout_mask=None, **kwargs):
+    """fused_attention_varlen against varlen_oracle under the accuracy rule: out, lse and
+    dq, dk, dv of <out, dO> (+ 0.5 * sum(lse) with lse_grad). The kernel runs first, so a
+    dropout test seeds the generator right before this call."""
+    lowp = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = fused_attention_varlen(*lowp, cu_q, cu_k, max_q, max_k, return_lse=True, backend="triton", **kwargs)
+    dout = torch.randn(out.shape, device=DEVICE).to(q.dtype)
+    dlse = torch.full(lse.shape, 0.5, device=DEVICE) if lse_grad else None
+    grads = torch.autograd.grad(loss_of(out, lse, dout, dlse), lowp)
+    oracle = lambda *xs: varlen_oracle(*xs, cu_q, cu_k, dropout_mask=dropout_mask, **kwargs)  # noqa: E731
+    ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out_r, lse_r = oracle(*ref_ins)
+    grads_r = torch.autograd.grad(loss_of(out_r, lse_r, dout, dlse), ref_ins)
+    out_f, lse_f, grads_f = flash_style(oracle, lowp, q.dtype, dout, dlse, rowsum=lambda x: x.sum(-1).transpose(0, 1))
+    assert_within_rule("out", out.detach(), out_r.detach(), [out_f])
+    assert_within_rule("lse", lse.detach(), lse_r.detach(), [lse_f], torch.float32)
+    for name, a, r, f in zip(("dq", "dk", "dv"), grads, grads_r, grads_f):
+        assert_within_rule(name, a, r, [f], magnitude=typical(out_r))
 
 
 @pytest.mark.parametrize(

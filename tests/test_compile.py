@@ -60,6 +60,37 @@ def test_compiled_blocks_match_eager_on_cpu():
     assert_same(eager, compiled, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_blocks_on_triton_match_eager(monkeypatch):
+    """The same encoder with attention forced onto the Triton kernels (torch custom ops;
+    the interpreter on CPU): one graph through inductor, the kernels' ops inside it."""
+    import functools
+
+    import attn_kernels.nn as ak_nn
+    from attn_kernels import api
+
+    monkeypatch.setattr(ak_nn, "fused_attention", functools.partial(api.fused_attention, backend="triton"))
+    torch._dynamo.reset()
+    targets = []
+
+    def inductor_recording(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    model = TinyEncoder()
+    x = torch.randn(2, 8, DIM)
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend=inductor_recording)):
+        model.zero_grad()
+        leaf = x.detach().clone().requires_grad_()
+        out = run(leaf)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), leaf.grad, [p.grad.clone() for p in model.parameters()]))
+    assert any("triton_fwd" in t for t in targets), "the compiled graph does not call the Triton op"
+    assert_same(*results, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 def test_compiled_blocks_match_eager_on_cuda():
     torch._dynamo.reset()

@@ -185,6 +185,81 @@ def test_from_pretrained(tmp_path, llama_config):
         torch.testing.assert_close(model(input_ids=ids).logits, saved(input_ids=ids).logits, **TOL)
 
 
+# ---------------------------------------------------------------- the same models on the Triton kernels
+
+
+@pytest.fixture
+def on_triton(monkeypatch):
+    """The backend's calls with backend="triton" (the interpreter on CPU); returns the
+    list of calls that reached the kernels."""
+    import functools
+
+    from attn_kernels import api, ops
+
+    reached = []
+    for name in ("fused_attention", "attention_weights"):
+        monkeypatch.setattr(ak_hf, name, functools.partial(getattr(api, name), backend="triton"))
+        real = getattr(ops, name)
+
+        def spy_op(*args, _real=real, _name=name, **kwargs):
+            reached.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy_op)
+    return reached
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_llama_on_triton(llama_config, on_triton, padding):
+    eager, ours = twins(transformers.LlamaForCausalLM, llama_config)
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if padding:
+        mask[1, :3] = 0  # left padding: compare the real tokens (see test_llama_causal_gqa_with_padding)
+    assert_same_model(eager, ours, {"input_ids": ids, "attention_mask": mask}, keep=mask[..., None])
+    assert on_triton.count("fused_attention") == 2  # one per layer
+
+
+def test_bert_on_triton(on_triton):
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    eager, ours = twins(transformers.BertForTokenClassification, config)
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    assert_same_model(eager, ours, {"input_ids": ids, "attention_mask": mask})
+    assert on_triton
+
+
+def test_llama_output_attentions_on_triton(llama_config, on_triton):
+    eager, ours = twins(transformers.LlamaForCausalLM, llama_config)
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        want = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    rows = mask.bool()[:, None, :, None]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g * rows, w * rows, **TOL)
+    assert "attention_weights" in on_triton
+
+
+def test_softcap_and_dropout_on_triton(on_triton):
+    from attn_kernels import reference
+
+    q, k, v = _qkv()
+    out, _ = ak_hf.attention_forward(_Module(False), q, k, v, None, softcap=0.5)
+    expected = reference.attention(q.double(), k.double(), v.double(), softcap=0.5, enable_gqa=True)
+    torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=1e-5, rtol=0)
+    module = _Module(False)
+    module.train()
+    a, _ = ak_hf.attention_forward(module, q, k, v, None, dropout=0.5)
+    b, _ = ak_hf.attention_forward(module, q, k, v, None, dropout=0.5)
+    assert not torch.allclose(a, b)
+    assert len(on_triton) == 3
+
+
 # ---------------------------------------------------------------- the attention function itself
 
 

@@ -2,6 +2,7 @@
 the same state dict (outputs, weights, input and parameter gradients, in float64),
 and the building blocks honour their masks and train."""
 
+import copy
 import warnings
 
 import pytest
@@ -418,6 +419,138 @@ def test_block_forward_errors():
         block(torch.randn(2, 5, E), key_padding_mask=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="memory"):
         CrossAttentionBlock(E, H)(torch.randn(2, 5, E), torch.randn(3, 5, E))
+
+
+# ---------------------------------------------------------------- on the Triton kernels
+# The same drop-ins with backend="triton" forced (the interpreter on CPU), in float32:
+# the error against torch's module in float64 must be within 2x that of torch's own
+# module in float32 (tests/accuracy.py).
+
+
+@pytest.fixture
+def on_triton(monkeypatch):
+    """attn_kernels.nn calls with backend="triton"; returns the list of calls that reached the kernels."""
+    import functools
+
+    import attn_kernels.nn as ak_nn
+    from attn_kernels import api, ops
+
+    reached = []
+    for name in ("fused_attention", "attention_weights"):
+        monkeypatch.setattr(ak_nn, name, functools.partial(getattr(api, name), backend="triton"))
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            reached.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    return reached
+
+
+def _fp32(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def assert_triton_within_rule(theirs, ours, inputs, **kwargs):
+    """theirs: torch's module in float64 (the oracle); ours: float32 on the Triton kernels,
+    loaded from its state dict; torch's own float32 module sets the budget."""
+    from accuracy import assert_within_rule, typical
+
+    theirs32 = copy.deepcopy(theirs).float()
+    ours.load_state_dict(theirs32.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about mixed bool/float masks
+        ref_out, ref_w = theirs(*inputs, **kwargs)
+        cot = (torch.randn_like(ref_out), None if ref_w is None else torch.randn_like(ref_w))
+        ref = run(theirs, inputs, kwargs, cot)
+        inputs32, kwargs32 = [_fp32(t) for t in inputs], {n: _fp32(t) for n, t in kwargs.items()}
+        cot32 = tuple(_fp32(c) for c in cot)
+        pytorch = run(theirs32, inputs32, kwargs32, cot32)
+        got = run(ours, inputs32, kwargs32, cot32)
+    magnitude = typical(ref[0])
+    assert_within_rule("out", got[0], ref[0], [pytorch[0]])
+    if ref[1] is None:
+        assert got[1] is None
+    else:
+        assert_within_rule("weights", got[1], ref[1], [pytorch[1]])
+    for a, r, p in zip(got[2], ref[2], pytorch[2]):
+        assert_within_rule("input grad", a, r, [p], magnitude=magnitude)
+    for name in ref[3]:
+        assert_within_rule(name, got[3][name], ref[3][name], [pytorch[3][name]], magnitude=magnitude)
+
+
+TRITON_CASES = ["bool 2d", "float 3d", "padding", "padding + float 3d mask"]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_masks_on_triton(on_triton, case, need_weights):
+    theirs, _ = make_pair(batch_first=True)
+    ours = MultiheadAttention(E, H, batch_first=True)
+    q, mem = tokens(L, batch_first=True), tokens(S, batch_first=True)
+    assert_triton_within_rule(theirs, ours, (q, mem, mem), need_weights=need_weights, **MASK_CASES[case]())
+    assert ("attention_weights" if need_weights else "fused_attention") in on_triton
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_attention_kinds_on_triton(on_triton, kind):
+    theirs, _ = make_pair(kdim=8, vdim=12) if kind == "cross" else make_pair()
+    ours = MultiheadAttention(E, H, kdim=8, vdim=12) if kind == "cross" else MultiheadAttention(E, H)
+    q = tokens(L)
+    inputs = (q, tokens(S, 8), tokens(S, 12)) if kind == "cross" else (q, q, q)
+    assert_triton_within_rule(theirs, ours, inputs, need_weights=False, key_padding_mask=bool_mask(N, S if kind == "cross" else L))
+    assert on_triton
+
+
+def test_is_causal_hint_on_triton(on_triton):
+    theirs, _ = make_pair(batch_first=True)
+    ours = MultiheadAttention(E, H, batch_first=True)
+    x = tokens(L, batch_first=True)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L, dtype=F64)
+    assert_triton_within_rule(theirs, ours, (x, x, x), attn_mask=causal.isinf(), is_causal=True, need_weights=False)
+    assert on_triton
+
+
+def test_dropout_only_in_training_on_triton(on_triton):
+    theirs, _ = make_pair(dropout=0.5)
+    ours = MultiheadAttention(E, H, dropout=0.5)
+    x = tokens(L).float()
+    ours.load_state_dict(theirs.float().state_dict())
+    ours.train()
+    a, _ = ours(x, x, x, need_weights=False)
+    b, _ = ours(x, x, x, need_weights=False)
+    assert not torch.allclose(a, b) and on_triton
+    ours.eval(), theirs.double().eval()
+    assert_triton_within_rule(theirs, ours, (tokens(L),) * 3, need_weights=False)
+
+
+def test_fully_masked_row_on_triton(on_triton):
+    _, ours = make_pair(batch_first=True, dtype=torch.float32)
+    x = tokens(L, batch_first=True, dtype=torch.float32)
+    mask = torch.zeros(L, L, dtype=torch.bool)
+    mask[2] = True
+    out, weights = ours(x, x, x, attn_mask=mask)
+    torch.testing.assert_close(out[:, 2], ours.out_proj.bias.expand(N, E), atol=0, rtol=0)
+    assert (weights[:, 2] == 0).all() and torch.isfinite(out).all() and on_triton
+
+
+def test_causal_block_with_padding_on_triton(on_triton):
+    # the block on the kernels against the same block's math through SDPA in float64
+    block = SelfAttentionBlock(E, H, causal=True)
+    x = torch.randn(2, 6, E)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    got = block(x, key_padding_mask=pad)
+    assert on_triton
+    ref = block.double()
+    x64 = x.double()
+    q, k, v = (t.view(2, 6, H, E // H).transpose(1, 2) for t in ref.qkv(ref.norm1(x64)).chunk(3, -1))
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril() & ~pad[:, None, None, :]
+    attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    y = x64 + ref.proj(attn.transpose(1, 2).reshape(2, 6, E))
+    expected = y + ref.mlp(ref.norm2(y))
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- GPU
