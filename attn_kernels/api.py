@@ -6,10 +6,11 @@
 
 Backends: "triton" (fused kernels, CUDA tensors; CPU tensors only under
 TRITON_INTERPRET=1), "cuda" (the hand-written CUDA C++ kernels of csrc/, for
-`fused_attention` only) and "reference" (eager PyTorch, any device). "auto" picks
-triton for CUDA tensors and the reference for CPU tensors ("cuda" only when asked
-for, until a committed benchmark shows where it is faster). An explicit backend
-never falls back: what it cannot do raises.
+`fused_attention` only), "cpu" (CPU tensors: torch's fused CPU kernel where it
+covers the call, else a blocked online-softmax path; cpu.py) and "reference" (eager
+PyTorch, any device; the test oracle). "auto" picks triton for CUDA tensors and cpu
+for CPU tensors ("cuda" only when asked for, until a committed benchmark shows where
+it is faster). An explicit backend never falls back: what it cannot do raises.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import ops, reference
-from ._checks import AttentionSpec, _check_flag, check_attention, check_backend, check_kvcache, check_varlen
+from . import _kernel_inputs, _nested, cpu, ops, reference
+from ._checks import (
+    AttentionArgumentError, AttentionSpec, _check_flag, check_attention, check_backend, check_kvcache, check_varlen,
+)
 
 TRITON_MAX_HEAD_DIM = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,7 +63,8 @@ def available_backends() -> dict:
     return {
         "triton": _triton_status(),
         "cuda": _cuda_status(),
-        "reference": BackendStatus(True, "eager PyTorch on any device (materialises the L x S scores)"),
+        "cpu": BackendStatus(*cpu.status()),
+        "reference": BackendStatus(True, "eager PyTorch on any device (materialises the L x S scores; the test oracle)"),
     }
 
 
@@ -68,7 +72,9 @@ def _triton_refusal(spec: AttentionSpec) -> Optional[Exception]:
     """Why the triton backend cannot take this call, as the exception to raise; None if it can."""
     device = spec.device.type
     if device not in ("cuda", "cpu"):
-        return ValueError(f"backend='triton' takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}")
+        return AttentionArgumentError(
+            f"backend='triton' takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+        )
     status = _triton_status()
     if not status.available:
         return RuntimeError(f"backend='triton' is unavailable: {status.detail}")
@@ -101,12 +107,17 @@ def _pick_backend(backend: str, spec, op: str = "fused_attention") -> str:
         if refusal is not None:
             raise refusal
         return "cuda"
+    if backend == "cpu" or (backend == "auto" and spec.device.type == "cpu"):
+        refusal = cpu.refusal(spec)
+        if refusal is not None:
+            raise refusal
+        return "cpu"
     refusal = _triton_refusal(spec)
     if backend == "triton":
         if refusal is not None:
             raise refusal
         return "triton"
-    # auto: fused kernels for CUDA tensors, eager reference for everything else
+    # auto: fused kernels for CUDA tensors (CPU tensors went to "cpu" above), eager reference for the rest
     if spec.device.type != "cuda":
         return "reference"
     if refusal is not None:
@@ -142,17 +153,22 @@ def fused_attention(
     shapes and semantics, differentiable in query, key, value and a float attn_mask.
 
     Args:
-        query: (..., Hq, L, E), or (L, E).
-        key: (..., Hkv, S, E), or (S, E); same leading dims as query.
-        value: (..., Hkv, S, Ev), or (S, Ev).
-        attn_mask: None; bool (True = may attend) or additive float in the query dtype,
-            broadcastable to (..., Hq, L, S) (read through its strides, never expanded;
-            a float mask that requires grad gets its gradient); or
+        query: (..., Hq, L, E), or (L, E); or a nested jagged tensor (B, Hq, j, E), with
+            key and value nested too: run on the packed varlen kernels (see _nested.py).
+        key: (..., Hkv, S, E), or (S, E).
+        value: (..., Hkv, S, Ev), or (S, Ev). Batch and head dims broadcast against the
+            query's as in SDPA (fewer dims, or size 1: stride-0 views, never copied).
+            E = 0 gives uniform weights, Ev = 0 an empty output.
+        attn_mask: None; bool (True = may attend) or additive float (float32 or the query
+            dtype), broadcastable to (..., Hq, L, S) (read through its strides, never
+            expanded; a float mask that requires grad gets its gradient); or
             `torch.nn.attention.bias.causal_upper_left(L, S)` / `causal_lower_right(L, S)`.
-        dropout_p: probability of dropping an attention weight, in [0, 1). The Triton
-            kernels draw a Philox mask seeded from torch's generator for the device, so
-            `torch.manual_seed` replays a call (see `dropout_keep_mask`).
-        is_causal: query i attends to keys 0..i (top-left aligned, as SDPA).
+        dropout_p: probability of dropping an attention weight, in [0, 1] (1: zeros).
+            The kernels draw a Philox mask seeded from torch's generator for the device,
+            so `torch.manual_seed` replays a call (see `dropout_keep_mask`); the pattern
+            is attn_kernels' own, not SDPA's (README, "Differences from SDPA").
+        is_causal: query i attends to keys 0..i (top-left aligned, as SDPA); together
+            with a tensor attn_mask, both apply.
         scale: multiplier of q.k; default 1 / sqrt(E). 1.0 is plain dot-product attention.
         enable_gqa: allow Hq to be a multiple of Hkv; query head h uses key/value head
             h // (Hq / Hkv), without copying key or value.
@@ -161,9 +177,11 @@ def fused_attention(
         softcap: if > 0, scores become softcap * tanh(scores / softcap) (before masks).
         alibi_slopes: (Hq,) or (..., Hq) float: adds -slope * |i + S - L - j| to the
             scores (FlashAttention's ALiBi); no gradient.
-        deterministic: ask for a bit-reproducible backward. The Triton backward never
-            uses float atomics, so it always is; accepted for FlashAttention parity.
-        backend: "auto" | "triton" | "cuda" | "reference" (see `available_backends()`).
+        deterministic: ask for a bit-reproducible backward. The Triton backward's only
+            float atomics are in kernel variant "onepass" (dQ summed by atomic adds;
+            attn_kernels/triton/variants.py), which deterministic=True never runs, even
+            when forced; the default 3-kernel backward is bit-reproducible either way.
+        backend: "auto" | "triton" | "cuda" | "cpu" | "reference" (see `available_backends()`).
         return_lse: also return the log-sum-exp of the scores.
 
     Returns:
@@ -171,7 +189,17 @@ def fused_attention(
         float32 (..., Hq, L), the natural log of the softmax denominator. A row with no
         allowed key (masked, windowed, or bottom-right causal with L > S) gets output 0,
         lse -inf and zero gradients, never NaN.
+
+    Raises:
+        ValueError / TypeError (each also a RuntimeError, as SDPA's errors) or
+        NotImplementedError, naming the argument, before any kernel runs.
     """
+    if _nested.any_nested(query, key, value):
+        return _fused_attention_nested(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
+            softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic, backend=backend,
+            return_lse=return_lse,
+        )
     spec = check_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
     )
@@ -183,11 +211,35 @@ def fused_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
         )
+    # broadcast dims, E = 0, Ev = 0 and dropout_p = 1 in the kernels' form (_kernel_inputs.py)
+    mask = attn_mask if spec.has_mask else None
     if name == "cuda":
-        out, lse = ops.cuda_attention(query, key, value, spec, deterministic)
+        run = lambda q, k, v, m, a, s: ops.cuda_attention(q, k, v, s, deterministic)  # noqa: E731
+    elif name == "cpu":
+        run = lambda q, k, v, m, a, s: cpu.fused_attention(q, k, v, m, a, s, return_lse)  # noqa: E731
     else:
-        out, lse = ops.fused_attention(query, key, value, attn_mask, alibi_slopes, spec)
+        run = lambda q, k, v, m, a, s: ops.fused_attention(q, k, v, m, a, s, deterministic)  # noqa: E731
+    out, lse = _kernel_inputs.attention(run, query, key, value, mask, alibi_slopes, spec)
     return (out, lse) if return_lse else out
+
+
+def _fused_attention_nested(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *, return_lse,
+                            **extras):
+    """fused_attention on nested (jagged) tensors: the varlen kernels on their packed
+    values (see _nested.py); the result is nested like the query."""
+    call = _nested.unpack(query, key, value, attn_mask, _check_flag("enable_gqa", enable_gqa))
+    return_lse = _check_return_lse(return_lse)
+    if call.ragged_dim == 1:
+        res = fused_attention(call.q, call.k, call.v, None, dropout_p, is_causal, scale, enable_gqa,
+                              return_lse=return_lse, **extras)
+    else:
+        res = fused_attention_varlen(
+            call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
+            dropout_p=dropout_p, is_causal=is_causal, scale=scale, return_lse=return_lse, **extras,
+        )
+    if return_lse:
+        return call.wrap(res[0]), call.wrap_lse(res[1])
+    return call.wrap(res)
 
 
 def fused_attention_varlen(
@@ -231,13 +283,18 @@ def fused_attention_varlen(
     )
     _check_flag("deterministic", deterministic)
     return_lse = _check_return_lse(return_lse)
-    if _pick_backend(backend, spec, "fused_attention_varlen") == "reference":
+    name = _pick_backend(backend, spec, "fused_attention_varlen")
+    if name == "reference":
         return reference.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap,
             alibi_slopes=alibi_slopes, return_lse=return_lse,
         )
-    out, lse = ops.fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec)
+    run = lambda q_, k_, v_, s: ops.fused_attention_varlen(  # noqa: E731
+        q_, k_, v_, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s, deterministic)
+    if name == "cpu":
+        run = lambda q_, k_, v_, s: cpu.fused_attention_varlen(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s)  # noqa: E731
+    out, lse = _kernel_inputs.varlen(run, q, k, v, spec)
     return (out, lse) if return_lse else out
 
 
@@ -264,12 +321,15 @@ def attention_weights(
     spec = check_attention(
         query, key, None, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
     )
-    if _pick_backend(backend, spec, "attention_weights") == "reference":
+    name = _pick_backend(backend, spec, "attention_weights")
+    if name == "reference":
         return reference.attention_weights(
             query, key, attn_mask, is_causal, scale, enable_gqa,
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         )
-    return ops.attention_weights(query, key, attn_mask, alibi_slopes, spec)
+    mask = attn_mask if spec.has_mask else None
+    run = cpu.attention_weights if name == "cpu" else ops.attention_weights
+    return _kernel_inputs.weights(run, query, key, mask, alibi_slopes, spec)
 
 
 def _append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> None:
@@ -341,6 +401,8 @@ def fused_attention_with_kvcache(
             q, k_cache, v_cache, seqlens, block_table=block_table, scale=scale, is_causal=is_causal,
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
         )
+    elif name == "cpu":
+        out, lse = cpu.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, spec)
     else:
         out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, spec)
     return (out, lse) if return_lse else out
@@ -358,8 +420,13 @@ def dropout_keep_mask(
     """
     spec = check_attention(query, key, None, None, dropout_p, False, None, enable_gqa)
     if spec.dropout_p == 0.0:
-        raise ValueError("dropout_p must be > 0 for a dropout mask")
-    if _pick_backend(backend, spec, "dropout_keep_mask") == "reference":
+        raise AttentionArgumentError("dropout_p must be > 0 for a dropout mask")
+    if spec.dropout_p == 1.0:  # every weight dropped; no call draws for it
+        return torch.zeros(spec.weights_shape, dtype=torch.bool, device=spec.device)
+    name = _pick_backend(backend, spec, "dropout_keep_mask")
+    if name == "cpu":
+        return cpu.dropout_keep_mask(spec)
+    if name == "reference":
         # the draw reference.attention makes: rand_like of its probabilities
         shape = spec.weights_shape if spec.rank > 2 else (1, 1, spec.len_q, spec.len_k)
         keep = torch.rand(shape, dtype=spec.dtype, device=spec.device) >= spec.dropout_p

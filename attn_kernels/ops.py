@@ -73,13 +73,14 @@ class _KernelConfig:
         z = math.prod(spec.batch)
         return mask.expand(self.scores_shape()).reshape(z, spec.heads_q, spec.len_q, spec.len_k)
 
-    def op_args(self) -> tuple:
+    def op_args(self, deterministic: bool = False) -> tuple:
         """triton_ops.triton_fwd's arguments after q, k, v and the mask."""
         spec, packed = self.spec, self.packed
         lo, hi = spec.band(packed=packed is not None)
         cu = (packed.cu_seqlens_q, packed.cu_seqlens_k, packed.max_seqlen_q, packed.max_seqlen_k) if packed else \
             (None, None, 0, 0)
-        return (self.alibi, self.seed, *cu, float(spec.scale), float(spec.dropout_p), float(spec.softcap), lo, hi)
+        return (self.alibi, self.seed, *cu, float(spec.scale), float(spec.dropout_p), float(spec.softcap), lo, hi,
+                bool(deterministic))
 
 
 def _triton_ops():
@@ -89,12 +90,13 @@ def _triton_ops():
     return torch.ops.attn_kernels
 
 
-def fused_attention(query, key, value, attn_mask, alibi_slopes, spec: AttentionSpec):
-    """Triton forward (+ backward through autograd). Returns (out, lse) in the caller's shapes."""
+def fused_attention(query, key, value, attn_mask, alibi_slopes, spec: AttentionSpec, deterministic: bool = False):
+    """Triton forward (+ backward through autograd). Returns (out, lse) in the caller's shapes.
+    deterministic: a bit-reproducible backward (no dQ atomics)."""
     q, k, v = (_as_4d(t, spec) for t in (query, key, value))
     config = _KernelConfig.build(spec, alibi_slopes)
     mask = config.kernel_mask(attn_mask if spec.has_mask else None)
-    out, lse2 = _triton_ops().triton_fwd(q, k, v, mask, *config.op_args())
+    out, lse2 = _triton_ops().triton_fwd(q, k, v, mask, *config.op_args(deterministic))
     return out.reshape(spec.out_shape), natural_lse(lse2).reshape(spec.lse_shape)
 
 
@@ -107,13 +109,14 @@ def cuda_attention(query, key, value, spec: AttentionSpec, deterministic: bool):
     return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)
 
 
-def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec: AttentionSpec):
+def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec: AttentionSpec,
+                           deterministic: bool = False):
     """Packed q (total_q, Hq, E), k/v (total_k, Hkv, *) -> (out (total_q, Hq, Ev), lse (Hq, total_q))."""
     from .triton.launch import Packed
 
     packed = Packed(cu_seqlens_q, cu_seqlens_k, spec.len_q, spec.len_k)
     config = _KernelConfig.build(spec, alibi_slopes, packed)
-    out, lse2 = _triton_ops().triton_fwd(q, k, v, None, *config.op_args())
+    out, lse2 = _triton_ops().triton_fwd(q, k, v, None, *config.op_args(deterministic))
     return out, natural_lse(lse2)
 
 

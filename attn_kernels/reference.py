@@ -1,4 +1,4 @@
-"""Eager PyTorch attention: the CPU path and the test oracle.
+"""Eager PyTorch attention: the test oracle (backend="reference").
 
     scores = (query @ key^T) * scale                         (..., Hq, L, S)
     scores = softcap * tanh(scores / softcap)                 if softcap > 0
@@ -10,9 +10,12 @@
     out    = dropout(probs) @ value                           (..., Hq, L, Ev)
 
 Same signature and semantics as `attn_kernels.fused_attention` (SDPA's, plus the
-keyword extras), computed in the input dtype: float64 gives the oracle, float16
-gives "PyTorch's own error" at that precision. It materialises the L x S matrix:
-use it for checking and for CPU tensors, not for long sequences on a GPU.
+keyword extras). float64 and float32 inputs are computed in their dtype (float64 is
+the test oracle); float16 / bfloat16 ones, as SDPA's CPU kernels do, with the scores
+and softmax in float32 (q.k of 16-bit inputs of magnitude 256 passes float16's
+65504) and the probabilities rounded to the input dtype for the product with value.
+It materialises the L x S matrix: use it for checking; CPU tensors run on the `cpu`
+backend (cpu.py), GPU tensors on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import warnings
 
 import torch
 
-from ._checks import AttentionSpec, check_attention
+from ._checks import AttentionSpec, check_attention, expand_to_spec
+
+SCORES_IN_FP32 = (torch.float16, torch.bfloat16)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -33,6 +38,8 @@ def _scores(query, key, attn_mask, alibi_slopes, spec: AttentionSpec) -> torch.T
     if spec.heads_q != spec.heads_kv:
         # GQA: query head h reads key/value head h // (Hq / Hkv)
         key = key.repeat_interleave(spec.heads_q // spec.heads_kv, dim=-3)
+    if query.dtype in SCORES_IN_FP32:
+        query, key = query.float(), key.float()
     scores = torch.matmul(query, key.transpose(-2, -1)) * spec.scale
     if spec.softcap > 0:
         scores = spec.softcap * torch.tanh(scores / spec.softcap)
@@ -55,11 +62,20 @@ def _scores(query, key, attn_mask, alibi_slopes, spec: AttentionSpec) -> torch.T
 
 
 def _softmax_with_lse(scores: torch.Tensor):
-    """Softmax that gives 0 (not NaN) on rows where every score is -inf."""
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    """Softmax that gives 0 (not NaN) on rows where every score is -inf; and the lse."""
+    if scores.dtype == torch.float64 or scores.shape[-1] == 0:  # the oracle: its formula and its bits
+        shift, lse = 0.0, torch.logsumexp(scores, dim=-1, keepdim=True)
+    else:
+        # around the row max: exp(s - lse) at a large |s| would carry the rounding of
+        # lse (an ulp of |s|: 0.06 at 5e5 in fp32) into every weight. Summed by hand,
+        # not by logsumexp, whose checks stop torch.export on a data-dependent batch.
+        shift = scores.detach().amax(-1, keepdim=True)
+        shift = shift.masked_fill(~torch.isfinite(shift), 0.0)
+        total = torch.exp(scores - shift).sum(-1, keepdim=True)
+        lse = torch.log(total.masked_fill(total == 0, 1.0)).masked_fill(total == 0, float("-inf"))
     empty_row = torch.isneginf(lse)
-    probs = torch.exp(scores - lse.masked_fill(empty_row, 0.0))
-    return probs.masked_fill(empty_row, 0.0), lse.squeeze(-1)
+    probs = torch.exp(scores - shift - lse.masked_fill(empty_row, 0.0))
+    return probs.masked_fill(empty_row, 0.0), (lse + shift).squeeze(-1)
 
 
 def attention(
@@ -77,27 +93,37 @@ def attention(
     alibi_slopes=None,
     return_lse=False,
     dropout_mask=None,
+    probs_dtype=None,
 ):
     """softmax(scores) @ value, eagerly; arguments and shapes as `fused_attention`.
 
     `dropout_mask` (bool, broadcastable to (..., Hq, L, S), True = keep) replaces the
     random draw, so that a test can replay a kernel's dropout exactly (see
     `attn_kernels.dropout_keep_mask`); kept probabilities are scaled by 1 / (1 - p).
+    `probs_dtype` rounds the probabilities to that dtype before the product with value
+    (and back), as fused kernels do for their tensor-core product: the tests' model of
+    a FlashAttention-style computation (tests/accuracy.py); the gradient passes through.
     Returns out, or (out, lse) when return_lse is True; lse is float32 (float64 for
     float64 inputs, so that the oracle keeps its precision).
     """
     spec = check_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
     )
-    q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
+    q, k, v = (_as_4d(t) for t in expand_to_spec(spec, query, key, value))
     if spec.heads_q != spec.heads_kv:
         v = v.repeat_interleave(spec.heads_q // spec.heads_kv, dim=-3)
     mask = attn_mask if spec.has_mask else None
     probs, lse = _softmax_with_lse(_scores(q, k, mask, alibi_slopes, spec))
-    if spec.dropout_p > 0.0:
-        keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= spec.dropout_p
+    if spec.dropout_p == 1.0:  # every weight dropped (SDPA's zeros; 1 / (1 - p) would make them NaN)
+        probs = probs * 0.0
+    elif spec.dropout_p > 0.0:
+        # drawn in the input dtype, as dropout_keep_mask(backend="reference") replays it
+        keep = dropout_mask if dropout_mask is not None else torch.rand(
+            probs.shape, dtype=spec.dtype, device=probs.device) >= spec.dropout_p
         probs = probs.masked_fill(~keep, 0.0) / (1.0 - spec.dropout_p)
-    out = torch.matmul(probs, v).reshape(spec.out_shape)
+    if probs_dtype is not None:
+        probs = probs.to(probs_dtype).to(probs.dtype)
+    out = torch.matmul(probs.to(v.dtype), v).reshape(spec.out_shape)
     if return_lse:
         lse_dtype = torch.float64 if lse.dtype == torch.float64 else torch.float32
         return out, lse.reshape(spec.lse_shape).to(lse_dtype)
@@ -113,8 +139,9 @@ def attention_weights(
         query, key, None, attn_mask, 0.0, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes
     )
     mask = attn_mask if spec.has_mask else None
-    probs, _ = _softmax_with_lse(_scores(_as_4d(query), _as_4d(key), mask, alibi_slopes, spec))
-    return probs.reshape(spec.weights_shape)
+    q, k = (_as_4d(t) for t in expand_to_spec(spec, query, key))
+    probs, _ = _softmax_with_lse(_scores(q, k, mask, alibi_slopes, spec))
+    return probs.to(spec.dtype).reshape(spec.weights_shape)
 
 
 def attention_varlen(

@@ -42,8 +42,10 @@ def triton_fwd(
     mask: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
     scale: float, dropout_p: float, softcap: float, band_lo: Optional[int], band_hi: Optional[int],
+    deterministic: bool,
 ) -> Tuple[Tensor, Tensor]:
     """(out like q with v's head dim, lse2 float32: (Z, Hq, L) padded, (Hq, total_q) packed).
+    deterministic is for the backward (it travels there with the other scalars).
 
     lse2 is in base 2 (logsumexp / ln 2), as the kernels keep it: the backward recomputes
     P from it with no change of base. Callers convert it for users (ops.natural_lse)."""
@@ -54,7 +56,7 @@ def triton_fwd(
 
 @triton_fwd.register_fake
 def _triton_fwd_fake(q, k, v, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                     dropout_p, softcap, band_lo, band_hi):
+                     dropout_p, softcap, band_lo, band_hi, deterministic):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is None:
         return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
@@ -66,18 +68,21 @@ def triton_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     mask: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    scale: float, dropout_p: float, softcap: float, band_lo: Optional[int], band_hi: Optional[int], need_ds: bool,
+    scale: float, dropout_p: float, softcap: float, band_lo: Optional[int], band_hi: Optional[int],
+    deterministic: bool, need_ds: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv like q, k, v; dS float32 (Z, Hq, L, S) when need_ds, else an empty tensor)."""
+    """(dq, dk, dv like q, k, v; dS float32 (Z, Hq, L, S) when need_ds, else an empty tensor).
+    deterministic: bit-reproducible, so never variant "onepass" (dQ by atomics)."""
     launch, mods, packed = _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  scale, dropout_p, softcap, band_lo, band_hi)
-    dq, dk, dv, ds = launch.backward(dout, q, k, v, out, lse, dlse, mods, packed, need_ds=need_ds)
+    dq, dk, dv, ds = launch.backward(dout, q, k, v, out, lse, dlse, mods, packed, need_ds=need_ds,
+                                     deterministic=deterministic)
     return dq, dk, dv, ds if ds is not None else q.new_empty((0,), dtype=torch.float32)
 
 
 @triton_bwd.register_fake
 def _triton_bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, scale, dropout_p, softcap, band_lo, band_hi, need_ds):
+                     max_seqlen_k, scale, dropout_p, softcap, band_lo, band_hi, deterministic, need_ds):
     ds_shape = (*q.shape[:-1], k.shape[-2]) if need_ds else (0,)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(ds_shape, dtype=torch.float32)
 
@@ -101,7 +106,7 @@ def _fwd_backward(ctx, dout, dlse):
                                                        need_ds)
     # the mask input is a broadcast view: autograd sums dS back to the caller's shape
     dmask = ds.to(mask.dtype) if need_ds else None
-    # no gradient for alibi, seed, cu_seqlens and the 7 scalars (forwarded unchanged to triton_bwd)
+    # no gradient for alibi, seed, cu_seqlens and the 8 scalars (forwarded unchanged to triton_bwd)
     return (dq, dk, dv, dmask) + (None,) * (4 + len(ctx.scalars))
 
 

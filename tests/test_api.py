@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA
 
 import attn_kernels
+from torch.nn.attention.bias import causal_lower_right
+
 from attn_kernels import attention_weights, available_backends, fused_attention
 
 
@@ -33,15 +35,14 @@ BAD_INPUTS = [
     (lambda q, k, v: fused_attention(q.numpy(), k, v), TypeError, "query must be a torch.Tensor"),
     (lambda q, k, v: fused_attention(q, k[..., :3], v), ValueError, "head dim"),
     (lambda q, k, v: fused_attention(q, k, v[:, :, :5]), ValueError, "sequence length"),
-    (lambda q, k, v: fused_attention(q, k[:, :1], v[:, :1]), ValueError, "enable_gqa"),
+    (lambda q, k, v: fused_attention(q, k[:, :2], v[:, :2]), ValueError, "enable_gqa"),
     (lambda q, k, v: fused_attention(q[:, :3], k[:, :2], v[:, :2], enable_gqa=True), ValueError, "multiple"),
-    (lambda q, k, v: fused_attention(q, k[:, :2], v), ValueError, "value heads"),
-    (lambda q, k, v: fused_attention(q, k[:1], v[:1]), ValueError, "batch dims"),
-    (lambda q, k, v: fused_attention(q, k[0], v[0]), ValueError, "same number of dims"),
+    (lambda q, k, v: fused_attention(q, k[:, :2], v), ValueError, "head counts must be equal or 1"),
+    (lambda q, k, v: fused_attention(q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]])), ValueError, "batch dims"),
     (lambda q, k, v: fused_attention(q.long(), k, v), TypeError, "query.dtype"),
     (lambda q, k, v: fused_attention(q, k.half(), v), TypeError, "key.dtype"),
     (lambda q, k, v: fused_attention(q, k.to("meta"), v), ValueError, "key is on meta"),
-    (lambda q, k, v: fused_attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda q, k, v: fused_attention(q, k, v, dropout_p=1.5), ValueError, "dropout_p"),
     (lambda q, k, v: fused_attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
     (lambda q, k, v: fused_attention(q, k, v, scale="big"), TypeError, "scale"),
     (lambda q, k, v: fused_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
@@ -50,16 +51,35 @@ BAD_INPUTS = [
     (lambda q, k, v: fused_attention(q, k, v, return_lse="yes"), TypeError, "return_lse"),
     (lambda q, k, v: fused_attention(q, k, v, attn_mask=torch.ones(3, 6, dtype=torch.bool)), ValueError, "attn_mask"),
     (lambda q, k, v: fused_attention(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.int32)), TypeError, "attn_mask"),
-    (lambda q, k, v: fused_attention(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.bool), is_causal=True), ValueError, "is_causal"),
-    (lambda q, k, v: attention_weights(q, k[:, :1]), ValueError, "enable_gqa"),
+    (lambda q, k, v: fused_attention(q, k, v, attn_mask=torch.ones(4, 6).half()), TypeError, "attn_mask.dtype"),
+    (lambda q, k, v: fused_attention(q, k, v, attn_mask=causal_lower_right(4, 6), is_causal=True), ValueError,
+     "CausalBias should not be used with causal=True"),
+    (lambda q, k, v: attention_weights(q, k[:, :3]), ValueError, "enable_gqa"),
 ]
 
 
 @pytest.mark.parametrize("call,exc,words", BAD_INPUTS, ids=[w for _, _, w in BAD_INPUTS])
 def test_bad_input_raises_clearly(call, exc, words):
     q, k, v = qkv(2, 4, 4, 8)
-    with pytest.raises(exc, match=words):
+    with pytest.raises(exc, match=words) as caught:
         call(q, k, v)
+    # also the class SDPA raises, so `except RuntimeError` written for SDPA catches it
+    assert isinstance(caught.value, RuntimeError)
+
+
+def test_inputs_broadcast_as_sdpa():
+    # fewer dims, size-1 batch and head dims: SDPA's broadcasting (formerly refused)
+    q, k, v = qkv(2, 4, 4, 8)
+    for args in ((q, k[0], v[0]), (q[:1], k, v), (q, k[:, :1], v[:, :1]), (q[0, 0], k, v)):
+        torch.testing.assert_close(fused_attention(*args), F.scaled_dot_product_attention(*args))
+
+
+def test_mask_and_is_causal_both_apply():
+    q, k, v = qkv(2, 4, 4, 8)
+    mask = torch.rand(4, 6) > 0.5
+    causal = torch.ones(4, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(fused_attention(q, k, v, attn_mask=mask, is_causal=True),
+                               fused_attention(q, k, v, attn_mask=mask & causal))
 
 
 def test_triton_limits_raise_not_implemented():
@@ -82,7 +102,7 @@ def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 def test_available_backends_reports_each_backend():
     backends = available_backends()
-    assert set(backends) == {"triton", "cuda", "reference"}
+    assert set(backends) == {"triton", "cuda", "cpu", "reference"}
     assert backends["reference"].available
     assert backends["triton"].available  # the suite runs on a GPU or in the interpreter
 

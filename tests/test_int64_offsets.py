@@ -25,7 +25,8 @@ from conftest import HAS_CUDA
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # compiles the kernels with the launch paths users reach: packed causal + dropout,
-# float mask with its gradient, weights, decode (contiguous and paged), dropout mask
+# float mask with its gradient, weights, decode (contiguous and paged), dropout mask,
+# and the one-pass backward (variant "onepass") of both backward calls
 _COMPILE_ALL = r"""
 import os, sys, torch
 sys.path.insert(0, os.path.join(sys.argv[2], "bench"))
@@ -58,6 +59,10 @@ with compiling_only(90) as compiled:
     attention_decode.attention_decode(qd, cache, cache, seqlens, None, None, out, lse, **dec)
     attention_decode.attention_decode(qd, paged, paged, seqlens, table, None, out, lse, **dec)
     dropout_mask.dropout_mask(seed, 2, Hq, 60, 60, 0.1, "cpu")
+    os.environ["ATTN_KERNELS_TRITON_VARIANT"] = "onepass"  # the one-pass backward (preprocess + 1 kernel)
+    launch.backward(q.clone(), q, k, k.clone(), q.clone(), torch.empty(Hq, 100), None, varlen, packed)
+    launch.backward(qp.clone(), qp, kp, kp.clone(), qp.clone(), torch.empty(2, Hq, 60), None, masked, None,
+                    need_ds=True)
 for i, (name, kernel) in enumerate(compiled):
     with open(os.path.join(out_dir, f"{i:02d}_{name}.ttir"), "w") as f:
         f.write(kernel.asm["ttir"])
@@ -115,7 +120,9 @@ def kernel_irs(tmp_path_factory):
     subprocess.run([sys.executable, "-c", _COMPILE_ALL, str(out), ROOT], env=env, cwd=ROOT, check=True,
                    capture_output=True, text=True, timeout=600)
     irs = {p.name: p.read_text() for p in sorted(out.iterdir())}
-    assert len(irs) == 14, sorted(irs)  # fwd, 3 + 3 bwd, fwd + weights, 2 x (split + combine), dropout mask
+    # fwd, 3 + 3 bwd, fwd + weights, 2 x (split + combine), dropout mask, 2 + 2 one-pass bwd
+    assert len(irs) == 18, sorted(irs)
+    assert sum("bwd_onepass_kernel" in name for name in irs) == 2, sorted(irs)
     return irs
 
 

@@ -14,7 +14,7 @@ from attn_kernels import fused_attention, triton_ops  # noqa: F401  (registers t
 def _fwd_args(mask=None, causal=False):
     q, k, v = make_qkv((2,), 4, 2, 17, 33, 16, 24, FP32)
     band_hi = 0 if causal else None
-    return (q, k, v, mask, None, None, None, None, 0, 0, 16 ** -0.5, 0.0, 0.0, None, band_hi)
+    return (q, k, v, mask, None, None, None, None, 0, 0, 16 ** -0.5, 0.0, 0.0, None, band_hi, False)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -34,6 +34,19 @@ def test_opcheck_forward_with_alibi_and_dropout():
     args[5] = torch.tensor([1234], device=DEVICE, dtype=torch.int64)  # seed
     args[11] = 0.25  # dropout_p
     torch.library.opcheck(torch.ops.attn_kernels.triton_fwd.default, tuple(args))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_forward_under_the_onepass_variant(deterministic, monkeypatch):
+    """`deterministic` travels through the schemas to the backward (kernel variant
+    "onepass", dQ by atomics, runs only without it)."""
+    from attn_kernels.triton import variants
+
+    monkeypatch.setenv(variants.ENV, "onepass")
+    args = _fwd_args(causal=True)[:-1] + (deterministic,)
+    args = tuple(t.requires_grad_() for t in args[:3]) + args[3:]  # so that opcheck runs the backward
+    torch.library.opcheck(torch.ops.attn_kernels.triton_fwd.default, args)
+    assert variants.last_choices()["bwd"].name == ("baseline" if deterministic else "onepass")
 
 
 def test_opcheck_weights():

@@ -3,7 +3,8 @@ registered variant, forced with ATTN_KERNELS_TRITON_VARIANT, against the float64
 reference over a compact set of cases (odd lengths, GQA, masks, windows, ALiBi,
 softcap, dropout, varlen, causal both alignments, fp32 / fp16 / bf16). Also checks
 that the "interior" variant really runs mask-free tiles where it should, and none
-where a modifier forbids them."""
+where a modifier forbids them, and that "onepass" (dQ by atomics) runs its own
+kernel, but never with deterministic=True."""
 
 import inspect
 import json
@@ -15,8 +16,8 @@ from conftest import DEVICE
 from test_attention_fwd import BF16, FP16, FP32, fused, make_qkv
 from test_attention_varlen import check_varlen, packed_inputs
 
-from attn_kernels import dropout_keep_mask, reference
-from attn_kernels.triton import attention_bwd, attention_fwd, tuning, variants
+from attn_kernels import dropout_keep_mask, fused_attention_varlen, reference
+from attn_kernels.triton import attention_bwd, attention_bwd_onepass, attention_fwd, tuning, variants
 
 ALL = variants.names()
 
@@ -168,6 +169,85 @@ def test_baseline_visits_only_edge_tiles(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------
+# the one-pass backward (dQ by atomics) runs when asked, and never with deterministic=True
+
+def _count_backward_kernels(monkeypatch):
+    """Wrap the tile loops of both backward paths: -> {helper: number of calls}."""
+    seen = {}
+    for module, name in ((attention_bwd, "_dkdv_tiles"), (attention_bwd, "_dq_tiles"),
+                         (attention_bwd_onepass, "_onepass_tiles")):
+        original = getattr(module, name)
+
+        def wrapper(*args, _original=original, _name=name):
+            seen[_name] = seen.get(_name, 0) + 1
+            return _original(*args)
+
+        monkeypatch.setattr(module, name, wrapper)
+    return seen
+
+
+def _grads(run, ins, dout):
+    ins = [t.detach().clone().requires_grad_() for t in ins]
+    return torch.autograd.grad(run(*ins), ins, dout)
+
+
+def test_onepass_runs_one_kernel_with_atomic_dq(monkeypatch):
+    monkeypatch.setenv(variants.ENV, "onepass")
+    seen = _count_backward_kernels(monkeypatch)
+    # non-contiguous (N, H, D)-major views, as a model's projections give them
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv((1,), 4, 2, 70, 90, 16, 16, FP32))
+    dout = torch.randn(1, 4, 70, 16, device=DEVICE)
+    got = _grads(lambda *t: fused(*t, is_causal=True, enable_gqa=True), (q, k, v), dout)
+    # dQ comes only from the one-pass kernel's atomic adds: the 3-kernel loops never ran
+    assert seen.get("_onepass_tiles", 0) > 0 and "_dq_tiles" not in seen and "_dkdv_tiles" not in seen, seen
+    assert variants.last_choices()["bwd"] == ("onepass", f"forced by {variants.ENV}")
+    monkeypatch.setenv(variants.ENV, "baseline")
+    want = _grads(lambda *t: fused(*t, is_causal=True, enable_gqa=True), (q, k, v), dout)
+    assert variants.last_choices()["bwd"].name == "baseline"
+    for a, b in zip(got, want):  # same math, another summation order
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic_never_runs_onepass_even_when_forced(monkeypatch):
+    monkeypatch.setenv(variants.ENV, "onepass")
+    seen = _count_backward_kernels(monkeypatch)
+    q, k, v = make_qkv((1,), 4, 2, 70, 90, 16, 16, BF16)
+    dout = torch.randn(1, 4, 70, 16, device=DEVICE, dtype=BF16)
+    first, second = (_grads(lambda *t: fused(*t, enable_gqa=True, deterministic=True), (q, k, v), dout)
+                     for _ in range(2))
+    assert "_onepass_tiles" not in seen and seen.get("_dq_tiles", 0) > 0, seen
+    last = variants.last_choices()["bwd"]
+    assert last.name == "baseline" and "deterministic=True" in last.reason and "onepass" in last.reason
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # varlen: deterministic reaches the backward too
+    seen.clear()
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (N, H, D), one sequence
+    cu_q, cu_k = (torch.tensor([0, n], device=DEVICE, dtype=torch.int32) for n in (70, 90))
+    _grads(lambda *t: fused_attention_varlen(*t, cu_q, cu_k, 70, 90, deterministic=True, backend="triton"),
+           packed, dout[0].transpose(0, 1))
+    assert "_onepass_tiles" not in seen and variants.last_choices()["bwd"].name == "baseline", seen
+    seen.clear()
+    _grads(lambda *t: fused_attention_varlen(*t, cu_q, cu_k, 70, 90, backend="triton"), packed, dout[0].transpose(0, 1))
+    assert seen.get("_onepass_tiles", 0) > 0 and variants.last_choices()["bwd"].name == "onepass", seen
+
+
+def test_onepass_from_the_tile_table_yields_to_deterministic(tmp_path, monkeypatch):
+    monkeypatch.delenv(variants.ENV, raising=False)
+    key = _key("dkdv")
+    _table(tmp_path, monkeypatch, {key.name(): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2,
+                                                    variant="onepass")})
+    assert variants.onepass(key, torch.device("cpu"), deterministic=False)
+    assert variants.last_choices()["bwd"].name == "onepass"
+    assert not variants.onepass(key, torch.device("cpu"), deterministic=True)
+    assert "deterministic=True" in variants.last_choices()["bwd"].reason
+    # the forward (and a 3-kernel backward) under "onepass" run the baseline kernels, and say so
+    assert variants.plan(_key(), torch.device("cpu"), {}) == (False, None)
+    assert variants.last_choices()["fwd"].name == "baseline"
+    assert variants.tiles(variants.Choice("onepass", "forced"), tuning.Key.of("dkdv", torch.bfloat16, 128, True)) \
+        == tuning.Blocks(32, 128, 8, 2)  # no spills on sm_90 (bench/results/static/sm90-triton3.9-onepass.txt)
+
+
+# ----------------------------------------------------------------------------------
 # every variant against the reference
 
 # (L, S, E, Ev, Hq, Hkv, dtype, kwargs): interior tiles, ragged edges and band edges in each
@@ -289,3 +369,25 @@ def test_interior_loops_compile_for_sm90_without_mask_selects(tmp_path):
         selects = [b.count("arith.select") for b in inner]
         # edge, interior, edge: only the interior loop is free of selects (masks, -inf)
         assert len(inner) == 3 and selects[1] == 0 and selects[0] > 0 and selects[2] > 0, (kernel, selects)
+
+
+def test_onepass_compiles_for_sm90_with_fp32_atomic_adds(tmp_path):
+    """The one-pass kernel (bf16, D = 128, causal) compiles for sm_90; its query loop adds
+    dQ with fp32 atomics, and the 3-kernel dK/dV and dQ kernels are not launched."""
+    import os
+    import subprocess
+    import sys
+
+    from test_int64_offsets import ROOT, int32_stride_products
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[variants.ENV] = "onepass"
+    subprocess.run([sys.executable, "-c", _COMPILE_INTERIOR, str(tmp_path), ROOT], env=env, cwd=ROOT, check=True,
+                   capture_output=True, text=True, timeout=600)
+    irs = {p.name.split("_", 1)[1]: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(irs) == ["attn_fwd_kernel.ttir", "bwd_onepass_kernel.ttir", "bwd_preprocess_kernel.ttir"]
+    ir = irs["bwd_onepass_kernel.ttir"]
+    assert not int32_stride_products(ir)
+    inner = [b for b in loop_bodies(ir) if "scf.for" not in b.split("\n", 1)[1]]
+    assert len(inner) == 1 and "tt.atomic_rmw fadd" in inner[0] and "f32" in inner[0].split("tt.atomic_rmw")[1]
+    assert inner[0].count("= tt.dot ") == 5  # K Q^T, V dO^T, dV, dK, dQ (3-kernel path: dK/dV 4 + dQ 3 = 7)

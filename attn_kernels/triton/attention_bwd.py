@@ -22,7 +22,9 @@ needs no change of base (exactly 1 where a row sees one key). Three kernels:
 Only the tiles inside the causal / window band are visited. Variant "interior"
 (variants.py) splits the query loop of dK/dV and the key loop of dQ into edge and
 interior tiles as in the forward: interior tiles recompute P = exp2(qk * qk_scale - lse2)
-with no mask and no bound.
+with no mask and no bound. Variant "onepass" (attention_bwd_onepass.py) replaces
+kernels 2 and 3 by one that adds dQ with fp32 atomics (5 matmuls per tile instead of
+7); it is not bit-reproducible, so `deterministic=True` keeps the three kernels.
 
 Limits: as the forward. Rows with lse = -inf (no allowed key) get zero gradients.
 """
@@ -33,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning, variants
+from . import attention_bwd_onepass, tuning, variants
 from .launch_config import dot_precision, forward_blocks, head_block, upcast
 from .tiling import (alibi_slope_log2, dropout_keep, interior_range, key_range, lse_shift, query_range, scores_base2,
                      sequence_bounds, split_program_id, to_lowp)
@@ -403,8 +405,9 @@ def _bwd_dq_kernel(
              mask=rows_ok[:, None] & (offs_d[None, :] < E))
 
 
-def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
-    """Launch the three backward kernels on (Z, H, N, D)-strided views.
+def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods, deterministic=False):
+    """Launch the three backward kernels on (Z, H, N, D)-strided views (or, under variant
+    "onepass" and not `deterministic`, the preprocess and attention_bwd_onepass.py's kernel).
 
     do, out (Z, Hq, *, Ev); q (Z, Hq, *, E); k (Z, Hkv, *, E); v (Z, Hkv, *, Ev); lse
     (base 2, from the forward) and dlse (or None; the gradient of the natural-log lse
@@ -437,6 +440,13 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods):
     dim = max(shape.E, shape.Ev)
     key_dkdv = tuning.Key.of("dkdv", q.dtype, dim, mods.banded)
     key_dq = tuning.Key.of("dq", q.dtype, dim, mods.banded)
+    if variants.onepass(key_dkdv, q.device, deterministic):
+        # its own tiles (the dK/dV first guess unless the variant names some): the table's
+        # dkdv entry and the search are for the 3-kernel dK/dV kernel
+        blocks = variants.tiles(variants.Choice("onepass", ""), key_dkdv) or tuning.default(key_dkdv)
+        tuning.run(key_dkdv, q.device, lambda b: attention_bwd_onepass.attention_bwd_onepass(
+            do, q, k, v, lse, delta, dq, dk, dv, ds, shape, mods, b, common), blocks)
+        return
     interior_dkdv, blocks_dkdv = variants.plan(key_dkdv, q.device, mods.constexprs)
     interior_dq, blocks_dq = variants.plan(key_dq, q.device, mods.constexprs)
 

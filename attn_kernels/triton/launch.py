@@ -147,8 +147,10 @@ def forward(q, k, v, mods: ScoreMods, packed: Optional[Packed] = None):
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, dlse, mods: ScoreMods, packed: Optional[Packed] = None, need_ds=False):
-    """-> (dq, dk, dv like q, k, v; ds float32 (Z, Hq, L, S) when need_ds, else None)."""
+def backward(do, q, k, v, out, lse, dlse, mods: ScoreMods, packed: Optional[Packed] = None, need_ds=False,
+             deterministic=False):
+    """-> (dq, dk, dv like q, k, v; ds float32 (Z, Hq, L, S) when need_ds, else None).
+    deterministic: bit-reproducible (no dQ atomics: variant "onepass" is not used)."""
     shape = _shape(q, k, v, packed)
     dq, dk, dv = (torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     ds = torch.zeros((shape.Z, shape.H, shape.L, shape.S), device=q.device, dtype=torch.float32) if need_ds else None
@@ -156,7 +158,8 @@ def backward(do, q, k, v, out, lse, dlse, mods: ScoreMods, packed: Optional[Pack
         return dq, dk, dv, ds
     view = lambda t: _kernel_view(t, packed)  # noqa: E731
     attention_bwd.attention_bwd(
-        view(do), view(q), view(k), view(v), view(out), lse, dlse, view(dq), view(dk), view(dv), ds, shape, mods
+        view(do), view(q), view(k), view(v), view(out), lse, dlse, view(dq), view(dk), view(dv), ds, shape, mods,
+        deterministic=deterministic,
     )
     return dq, dk, dv, ds
 

@@ -14,6 +14,8 @@ interior and edge tiles (`interior_split`: a variant only changes kernels whose
 score modifiers it supports, otherwise the launch runs the edge path everywhere and
 the recorded reason says so) and the tiles the variant is defined by (`tiles`,
 handed to tuning.run, which otherwise takes the tile table or the first guess).
+A backward first asks `onepass(key, device, deterministic)`: whether variant "onepass"
+replaces its 3 kernels by one (never with deterministic=True; recorded as kind "bwd").
 
 `last_choices()` returns what the latest launch of each kind chose (for benchmarks
 and tests: which variant really ran).
@@ -41,15 +43,22 @@ VARIANTS = {
     "wide": "F2: the baseline kernels with wide tiles for 16-bit inputs (FlashAttention-3's 128 x 128): "
             "forward 128x128 at D <= 128, dK/dV and dQ 64x128 (queries x keys) at D <= 64, 8 warps, 2 stages; "
             "elsewhere as baseline (where these spill on sm_90: the backward at D = 128, and with F1's split loops)",
+    "onepass": "B1: one backward kernel per key block, dQ summed by fp32 atomic adds (5 matmuls per tile instead of "
+               "7); not bit-reproducible, so deterministic=True keeps the 3-kernel path; forward as baseline",
 }
 
 # variant -> {kernel kind: ((BLOCK_M, BLOCK_N, num_warps, num_stages), largest padded D)}, 16-bit inputs;
 # the limits are where bench/kernel_resources.py shows no spills on sm_90 (bench/results/static/)
 _TILES = {
     "wide": {"fwd": ((128, 128, 8, 2), 128), "dkdv": ((64, 128, 8, 2), 64), "dq": ((64, 128, 8, 2), 64)},
+    # the one-pass kernel (its key is the dK/dV one): 128 keys per program halve the dQ atomics of 64;
+    # with 4 warps (the dK/dV first guess) it spills 8-80 B on sm_90
+    "onepass": {"dkdv": ((32, 128, 8, 2), 128)},
 }
 # variants that split the loops into interior and edge tiles
 _SPLIT = ("interior",)
+# variants that replace the 3-kernel backward by one kernel (attention_bwd_onepass.py)
+_ONEPASS = ("onepass",)
 
 
 class Choice(NamedTuple):
@@ -153,4 +162,23 @@ def plan(key: tuning.Key, device: torch.device, constexprs: dict) -> tuple:
     None), for a launch of `key` with these score-modifier flags; recorded for
     `last_choices`."""
     choice = select(key, device)
+    if choice.name in _ONEPASS:  # a forward, or a backward that `onepass` kept on the 3 kernels
+        choice = Choice("baseline", f"{choice.reason}: {choice.name!r} changes only the one-pass backward; "
+                                    f"this launch runs the baseline kernel")
     return interior_split(key.kind, choice, constexprs), tiles(choice, key)
+
+
+def onepass(key: tuning.Key, device: torch.device, deterministic: bool) -> bool:
+    """Whether a backward launch of `key` (kind "dkdv") runs the one-pass kernel (variant
+    "onepass": dQ by atomics) instead of the 3 kernels; recorded as kind "bwd". Never
+    with deterministic=True: the atomics' order, so dQ's last bits, changes run to run."""
+    choice = select(key, device)
+    if choice.name not in _ONEPASS:
+        record("bwd", choice)
+        return False
+    if deterministic:
+        record("bwd", Choice("baseline", f"{choice.reason}: {choice.name!r} asked, the 3-kernel backward "
+                                         f"because deterministic=True (dQ by atomics is not bit-reproducible)"))
+        return False
+    record("bwd", choice)
+    return True
