@@ -1,28 +1,33 @@
-"""attention_weights on the CPU backend: the probabilities softmax(scores), tile by tile.
+"""attention_weights on the CPU backend: the probabilities softmax(scores), a block of
+query rows at a time (the result holds L x S values per head: that is what is asked
+for; no other L x S buffer is made).
 
-    lse = the blocked forward's log-sum-exp (cpu_blocked.forward without V)
-    W[i, j] = exp(s_ij - lse_i)                 0 on rows with no allowed key
-Backward (W is the output, dW its gradient):
-    D_i = rowsum(dW * W);  dS = P * (dW - D)    P recomputed from lse in float32
-then dQ, dK and the float mask's gradient as in cpu_blocked.backward. The result has
-L x S values per head (it is what was asked for); no other L x S buffer is made.
+Forward, per block of rows i (all the keys j its band allows, in one tile):
+    s = scores(i, j)  (cpu_tiles.Problem.scores);  lse_i = logsumexp_j s;  W = exp(s - lse)
+Backward (dW the gradient of W):
+    D_i = rowsum(dW * W);  dS = P * (dW - D)   (= the float mask's gradient)
+    dS *= 1 - tanh^2 (softcap);  dQ_i = scale * dS K;  dK += scale * dS^T Q_i
+P is the saved W for float32 / float64 without softcap; otherwise it is recomputed
+in float32 from the saved lse (16-bit W is rounded; softcap needs the tanh anyway).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cpu_blocked import backward, forward, grad_buffers
+from . import cpu_tiles
+from .cpu_blocked import grad_buffers
 from .cpu_tiles import Problem
 
 
-def _fill_probs(prob: Problem, lse: torch.Tensor, probs: torch.Tensor) -> None:
-    lse_safe = lse.masked_fill(torch.isneginf(lse), 0.0)
-    for i0, i1 in prob.query_blocks():
-        qi = prob.q_tile(i0, i1)
-        for j0, j1 in prob.key_blocks(i0, i1):
-            s, _ = prob.scores(qi, prob.kv_tile(prob.k, j0, j1), i0, i1, j0, j1)
-            probs[:, :, :, i0:i1, j0:j1] = s.sub_(lse_safe[:, :, :, i0:i1, None]).exp_()
+def _row_blocks(prob: Problem) -> list:
+    """Blocks of query rows: scores against every key of a tile, or of an eighth of
+    the result (which is there anyway) if that is more; at most 128 rows."""
+    Z, Hkv, G = prob.sizes
+    row = max(1, Z * Hkv * G * prob.len_k)
+    budget = max(cpu_tiles.TILE_ELEMS, row * prob.len_q // 8)
+    rows = max(1, min(128, budget // row))
+    return [(i0, min(i0 + rows, prob.len_q)) for i0 in range(0, prob.len_q, rows)]
 
 
 class BlockedWeights(torch.autograd.Function):
@@ -31,10 +36,16 @@ class BlockedWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, mask, make):
         prob = make(q, k, None, mask)
-        lse = torch.empty(q.shape[:-1], dtype=prob.acc)
-        forward(prob, None, lse)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=prob.acc)
         probs = torch.zeros((*q.shape[:-1], k.shape[2]), dtype=q.dtype)
-        _fill_probs(prob, lse, probs)
+        for i0, i1 in _row_blocks(prob):
+            j0, j1 = prob.key_span(i0, i1)
+            if j1 == j0:
+                continue
+            s, _ = prob.scores(prob.q_tile(i0, i1), prob.kv_tile(k, j0, j1), i0, i1, j0, j1)
+            block_lse = torch.logsumexp(s, dim=-1, keepdim=True)
+            lse[:, :, :, i0:i1] = block_lse.squeeze(-1)
+            probs[:, :, :, i0:i1, j0:j1] = s.sub_(block_lse.masked_fill(torch.isneginf(block_lse), 0.0)).exp_()
         ctx.make = make
         ctx.save_for_backward(q, k, mask, lse, probs)
         return probs
@@ -44,13 +55,35 @@ class BlockedWeights(torch.autograd.Function):
     def backward(ctx, dweights):
         q, k, mask, lse, probs = ctx.saved_tensors
         prob = ctx.make(q, k, None, mask)
-        delta = torch.empty(lse.shape, dtype=prob.acc)
-        for i0, i1 in prob.query_blocks():  # rowsum(dW * W), a block of rows at a time
-            rows = (slice(None),) * 3 + (slice(i0, i1),)
-            delta[rows] = (dweights[rows].to(prob.acc) * probs[rows].to(prob.acc)).sum(-1)
         want = ctx.needs_input_grad
         grads = grad_buffers((want[0], want[1], want[2]), prob, names=("q", "k", "mask"))
-        backward(prob, lse, delta, grads, dweights=dweights)
+        recompute = prob.softcap > 0.0 or probs.dtype != prob.acc
+        lse_safe = lse.masked_fill(torch.isneginf(lse), 0.0)
+        Z, Hkv, G = prob.sizes
+        for i0, i1 in _row_blocks(prob):
+            j0, j1 = prob.key_span(i0, i1)
+            if j1 == j0:
+                continue
+            qi, kj = prob.q_tile(i0, i1), prob.kv_tile(k, j0, j1)
+            tanh = None
+            if recompute:
+                s, tanh = prob.scores(qi, kj, i0, i1, j0, j1, keep_tanh=True)
+                p = s.sub_(lse_safe[:, :, :, i0:i1, None]).exp_()
+            else:
+                p = probs[:, :, :, i0:i1, j0:j1]
+            dw = dweights[:, :, :, i0:i1, j0:j1].to(prob.acc)
+            ds = (dw - (dw * p).sum(-1, keepdim=True)).mul_(p)  # W is 0 outside [j0, j1): D needs no more
+            if "mask" in grads:
+                prob.mask.accumulate(grads["mask"], ds, i0, i1, j0, j1)
+            if tanh is not None:
+                ds.mul_(tanh.square_().neg_().add_(1.0))
+            ds = ds.view(Z, Hkv, G * (i1 - i0), j1 - j0)
+            if "q" in grads:
+                grads["q"][:, :, :, i0:i1] += torch.matmul(ds, kj).view(Z, Hkv, G, i1 - i0, kj.shape[-1])
+            if "k" in grads:
+                grads["k"][:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), qi)  # qi holds the scale
+        if "q" in grads:
+            grads["q"].mul_(prob.scale)
         dmask = prob.mask.restore(grads["mask"], mask.dtype) if "mask" in grads else None
         return (
             grads["q"].to(q.dtype) if "q" in grads else None,

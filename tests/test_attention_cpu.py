@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from accuracy import assert_within_rule, check_against_reference, flash_style, loss_of
+from accuracy import assert_within_rule, check_against_reference, check_weights, flash_style, loss_of
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 from attn_kernels import (
@@ -418,24 +418,15 @@ def test_kvcache_matches_reference(small_tiles, paged, kw):
 
 
 @pytest.mark.parametrize("kw", [dict(is_causal=True), dict(window_size=(10, 10), softcap=2.0, alibi_slopes="heads"),
-                                dict(attn_mask="bias")], ids=str)
-def test_attention_weights_and_their_gradients(small_tiles, kw):
-    q, k, _ = make_qkv((2,), 4, 2, 100, 129, 24, 24, FP32)
+                                dict(attn_mask="bias"), dict(attn_mask="lower_right")], ids=str)
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_attention_weights_and_their_gradients(small_tiles, kw, dtype):
+    q, k, _ = make_qkv((2,), 4, 2, 100, 129, 24, 24, dtype)
     kw = _variant(kw, 2, 4, 100, 129)
-    leaves = [q.requires_grad_(), k.requires_grad_()]
     if kw.get("attn_mask") == "bias":
         kw["attn_mask"] = torch.randn(2, 1, 100, 129, requires_grad=True)
-        leaves.append(kw["attn_mask"])
-    w = torch.randn(2, 4, 100, 129)
-    probs = attention_weights(q, k, enable_gqa=True, backend="cpu", **kw)
-    grads = torch.autograd.grad((probs * w).sum(), leaves)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    kw_r = dict(kw, attn_mask=ref_leaves[2]) if len(leaves) == 3 else kw
-    probs_r = reference.attention_weights(*ref_leaves[:2], enable_gqa=True, **kw_r)
-    grads_r = torch.autograd.grad((probs_r * w.double()).sum(), ref_leaves)
-    torch.testing.assert_close(probs.double(), probs_r, atol=2e-6, rtol=0)
-    for a, b in zip(grads, grads_r):
-        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-5)
+    check_weights(lambda q_, k_, **kw_: attention_weights(q_, k_, backend="cpu", **kw_), q, k, grad=True,
+                  enable_gqa=True, **kw)
 
 
 # ---- memory -------------------------------------------------------------------------------
