@@ -110,7 +110,15 @@ class _Float32Backward(torch.autograd.Function):
     same values in float32. torch's own float16 / bfloat16 backward misses the suite's
     accuracy rule (measured: dK / dV errors 1.3-2x the budget, e.g. dV 4.3e-3 against
     2.1e-3 in fp16 at L=65, S=90, E=24); its float32 backward meets it, and measured
-    about as fast as the bf16 one on this project's 2-core CPU (bench/bench_cpu.py)."""
+    about as fast as the bf16 one on this project's 2-core CPU (bench/bench_cpu.py).
+    On a CPU with AVX512-BF16 the float32 backward costs ~1.3x torch's bf16 one; tried
+    and measured (2026-12-04, 1 thread, the six shapes of bench_cpu.py), none both
+    faster and within the rule: the blocked backward with bf16 matmuls after float32
+    scores and dP (0.79-0.92x SDPA's training step; dQ 1.06x its budget in one test),
+    also with dP - D from one bf16 matmul of [dO | -D] and [V | 1] (1.02-1.37x, but P
+    from bf16-rounded s - lse puts dV at 4x its budget), and torch's bf16 backward on
+    tiles of 32-256 query rows with float32 sums (slower, dV still over). torch has no
+    CPU matmul of bf16 inputs with a float32 result, which is what this would need."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal: bool, scale: float):
