@@ -43,25 +43,39 @@ def upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def _dim_class(dim: int) -> int:
+    return 64 if dim <= 64 else 128 if dim <= 128 else 256
+
+
+# float32 (IEEE dots: FMA, not tensor cores) holds whole operand rows per thread, so it
+# takes small tiles and 8 warps. These compile without spills for sm_90 with Triton
+# 3.6 (74-141 registers; the previous 4-warp 64x32 / 32x32 tiles spilled 1-75 KB per
+# thread): scripts/compile_sweep.py, bench/results/static/sm90-*-compile-sweep.txt.
+_FP32_FORWARD = {64: Blocks(64, 32, 8, 2), 128: Blocks(32, 16, 8, 2), 256: Blocks(32, 16, 8, 1)}
+_FP32_KEY_MAJOR = {64: Blocks(16, 64, 8, 2), 128: Blocks(32, 32, 8, 2), 256: Blocks(16, 32, 8, 1)}
+
+
 def forward_blocks(dim: int, dtype: torch.dtype) -> Blocks:
     """Tiles for the forward and the dQ pass (query-major). Conservative first
     choices that fit the shared memory of sm_80 / sm_90; tuned per GPU later."""
-    wide = dtype == torch.float32
+    if dtype == torch.float32:
+        return _FP32_FORWARD[_dim_class(dim)]
     if dim <= 64:
-        return Blocks(64, 32, 4, 2) if wide else Blocks(128, 64, 4, 3)
+        return Blocks(128, 64, 4, 3)
     if dim <= 128:
-        return Blocks(64, 32, 4, 2) if wide else Blocks(128, 64, 8, 3)
-    return Blocks(32, 32, 4, 1) if wide else Blocks(64, 32, 8, 2)
+        return Blocks(128, 64, 8, 3)
+    return Blocks(64, 32, 8, 2)
 
 
 def key_major_blocks(dim: int, dtype: torch.dtype) -> Blocks:
     """Tiles for the dK/dV pass: BLOCK_N keys stay resident, BLOCK_M queries stream."""
-    wide = dtype == torch.float32
+    if dtype == torch.float32:
+        return _FP32_KEY_MAJOR[_dim_class(dim)]
     if dim <= 64:
-        return Blocks(32, 64, 4, 2) if wide else Blocks(32, 128, 4, 3)
+        return Blocks(32, 128, 4, 3)
     if dim <= 128:
-        return Blocks(32, 32, 4, 2) if wide else Blocks(32, 64, 4, 2)
-    return Blocks(16, 32, 4, 1) if wide else Blocks(32, 32, 4, 1)
+        return Blocks(32, 64, 4, 2)
+    return Blocks(32, 32, 4, 1)
 
 
 def strides(t: torch.Tensor) -> tuple:
