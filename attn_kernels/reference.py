@@ -33,14 +33,31 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, 1, *t.shape) if t.dim() == 2 else t
 
 
-def _scores(query, key, attn_mask, alibi_slopes, spec: AttentionSpec) -> torch.Tensor:
-    """Scores with every modifier applied, -inf where masked (see the module docstring)."""
+class _RoundGrad(torch.autograd.Function):
+    """Identity; the gradient is rounded to `dtype` and back (a fused kernel's dS)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
+def _scores(query, key, attn_mask, alibi_slopes, spec: AttentionSpec, grad_dtype=None) -> torch.Tensor:
+    """Scores with every modifier applied, -inf where masked (see the module docstring).
+    grad_dtype: the gradient of q.k^T is rounded to it (reference.attention's probs_dtype)."""
     if spec.heads_q != spec.heads_kv:
         # GQA: query head h reads key/value head h // (Hq / Hkv)
         key = key.repeat_interleave(spec.heads_q // spec.heads_kv, dim=-3)
     if query.dtype in SCORES_IN_FP32:
         query, key = query.float(), key.float()
-    scores = torch.matmul(query, key.transpose(-2, -1)) * spec.scale
+    scores = torch.matmul(query, key.transpose(-2, -1))
+    if grad_dtype is not None:
+        scores = _RoundGrad.apply(scores, grad_dtype)
+    scores = scores * spec.scale
     if spec.softcap > 0:
         scores = spec.softcap * torch.tanh(scores / spec.softcap)
     rows = torch.arange(spec.len_q, device=scores.device)[:, None]
@@ -100,9 +117,10 @@ def attention(
     `dropout_mask` (bool, broadcastable to (..., Hq, L, S), True = keep) replaces the
     random draw, so that a test can replay a kernel's dropout exactly (see
     `attn_kernels.dropout_keep_mask`); kept probabilities are scaled by 1 / (1 - p).
-    `probs_dtype` rounds the probabilities to that dtype before the product with value
-    (and back), as fused kernels do for their tensor-core product: the tests' model of
-    a FlashAttention-style computation (tests/accuracy.py); the gradient passes through.
+    `probs_dtype` rounds to that dtype (and back) what fused kernels round for their
+    tensor-core products: the probabilities before the product with value, and in the
+    backward the scores' gradient dS before the products dS K and dS^T Q. It is the
+    tests' model of a FlashAttention-style computation (tests/accuracy.py).
     Returns out, or (out, lse) when return_lse is True; lse is float32 (float64 for
     float64 inputs, so that the oracle keeps its precision).
     """
@@ -113,7 +131,7 @@ def attention(
     if spec.heads_q != spec.heads_kv:
         v = v.repeat_interleave(spec.heads_q // spec.heads_kv, dim=-3)
     mask = attn_mask if spec.has_mask else None
-    probs, lse = _softmax_with_lse(_scores(q, k, mask, alibi_slopes, spec))
+    probs, lse = _softmax_with_lse(_scores(q, k, mask, alibi_slopes, spec, grad_dtype=probs_dtype))
     if spec.dropout_p == 1.0:  # every weight dropped (SDPA's zeros; 1 / (1 - p) would make them NaN)
         probs = probs * 0.0
     elif spec.dropout_p > 0.0:

@@ -171,7 +171,7 @@ def check_against_reference(fn, q, k, v, grad=True, *, dropout_mask=None, **kwar
     out_r, lse_r = run(*ref_ins)
     grads_r = torch.autograd.grad(loss_of(out_r, lse_r, dout, dlse), ref_ins) if grad else ()
 
-    # PyTorch at the input dtype: FlashAttention-style (P rounded to the dtype for P @ V, as the kernels do) ...
+    # PyTorch at the input dtype: FlashAttention-style (P rounded for P @ V, dS for dS K and dS^T Q, as the kernels do) ...
     def run_flash(*ins):
         return run(*ins, probs_dtype=dtype)
 
