@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Optional
 
 # shared memory a block may use, per compute capability (CUDA programming guide, opt-in maximum)
-SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 
 
 @dataclass
@@ -172,9 +172,11 @@ def _variant(name: Optional[str]) -> Iterator[None]:
 
 
 def survey(arch: int, dims, dtypes, causals=(False, True), passes=("fwd", "bwd"), seqlen: int = 4096,
-           on_row: Optional[Callable] = None, variant_names=(None,)) -> list:
+           on_row: Optional[Callable] = None, variant_names=(None,), on_refused: Optional[Callable] = None) -> list:
     """Every kernel of the forward and backward at the tiles a launch would use here,
-    for each kernel variant of `variant_names` (None: the one selected by default)."""
+    for each kernel variant of `variant_names` (None: the one selected by default).
+    A launch that refuses the target (NotImplementedError, e.g. variant "ws" below
+    sm_100) yields no row: on_refused(case, error) is told."""
     rows = []
     for name in variant_names:
         for dtype_name in dtypes:
@@ -185,8 +187,13 @@ def survey(arch: int, dims, dtypes, causals=(False, True), passes=("fwd", "bwd")
                         if name is not None:
                             case = f"[{name}] {case}"
                         launch = _attention_launches(dtype_name, dim, causal, seqlen, pass_ == "bwd")
-                        with _variant(name):
-                            found = measure(case, launch, arch)
+                        try:
+                            with _variant(name):
+                                found = measure(case, launch, arch)
+                        except NotImplementedError as exc:
+                            if on_refused:
+                                on_refused(case, exc)
+                            continue
                         for row in found:
                             rows.append(row)
                             if on_row:
@@ -249,8 +256,9 @@ def main(argv=None) -> int:
             unknown = [n for n in names if n not in variants.VARIANTS]
             if unknown:
                 parser.error(f"unknown variant {', '.join(unknown)}; known: {', '.join(variants.names())}")
+        refused = lambda case, exc: print(f"{case:<38} refused: {exc}", flush=True)  # noqa: E731
         rows = survey(args.arch, args.dims, args.dtypes, causals, args.passes, args.seqlen, on_row=show,
-                      variant_names=names)
+                      variant_names=names, on_refused=refused)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "rows": [asdict(r) for r in rows]}, f, indent=1)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_bwd_onepass, tuning, variants
+from . import tuning, variants
 from .launch_config import dot_precision, forward_blocks, head_block, upcast
 from .tiling import (alibi_slope_log2, dropout_keep, interior_range, key_range, lse_shift, query_range, scores_base2,
                      sequence_bounds, split_program_id, to_lowp)
@@ -74,6 +74,75 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def query_tile_grads(
+    dk, dv, start_m,
+    k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n, tile_n, offs_d,
+    offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale, softcap_log2e,
+    stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS, dropout_p,
+    band_lo, band_hi,
+    EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, STORE_DS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query tile (rows start_m + offs_m) against a program's resident keys: adds its
+    dK, dV contributions and returns (dk, dv, dS^T in the input dtype, (keys, queries)),
+    the last for the one-pass kernel's dQ = dS K. Shared by the dK/dV kernel's query walk
+    (_dkdv_tiles) and the one-pass kernel's (attention_bwd_onepass). EDGE: every
+    modifier, mask and bound. Not EDGE (interior: every row exists and sees every key
+    of the block, no modifier): P^T = exp2(qk * qk_scale - lse2), one FMA, no mask and
+    no bound."""
+    rows = start_m + offs_m
+    m64 = tl.cast(start_m, tl.int64)
+    rows_ok = rows < seq_len_q  # used by the EDGE path only
+    if EDGE:
+        qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
+        do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                     mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
+    else:
+        qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=offs_d[:, None] < E, other=0.0)
+        do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                     mask=offs_dv[None, :] < EV, other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+        do = do.to(tl.float32)
+    if EDGE:
+        lse2 = lse_shift(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
+        delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+        # recompute P^T for this (keys, queries) tile from the saved LSE
+        st, tt = scores_base2(
+            tl.dot(k, qt, input_precision=DOT_PRECISION), rows, offs_n, seq_len_q, seq_len_k,
+            qk_scale, softcap_scale, softcap_log2e, mask_base, stride_mm, stride_mn, alibi_log2e,
+            band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, True)
+        pt = tl.math.exp2(st - lse2[None, :])
+    else:
+        lse2 = tl.load(Lse + row_base + rows)  # finite: every row sees these keys
+        delta = tl.load(Delta + row_base + rows)
+        pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+    # dP^T = V dO^T
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    pt_dropped = pt
+    if DROPOUT:
+        keep = dropout_keep(seed, off_zh, rows, offs_n, L, S, dropout_p, True)
+        pt_dropped = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+        dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+    # dV += (P * D)^T dO
+    dv += tl.dot(to_lowp(pt_dropped, do_base.dtype.element_ty, UPCAST), do, input_precision=DOT_PRECISION)
+    # dS^T = P^T * (dP^T - delta)
+    dst = pt * (dpt - delta[None, :])
+    if STORE_DS:  # a float mask: always the EDGE path
+        ds_ptrs = DS + (off_zh * L + m64) * S + n0 + offs_m[None, :] * S + tile_n[:, None]
+        tl.store(ds_ptrs, dst, mask=col_ok[:, None] & rows_ok[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - tt * tt)
+    # dK += dS^T Q (scale applied once at the end)
+    dst_lowp = to_lowp(dst, q_base.dtype.element_ty, UPCAST)
+    dk += tl.dot(dst_lowp, tl.trans(qt), input_precision=DOT_PRECISION)
+    return dk, dv, dst_lowp
+
+
+@triton.jit
 def _dkdv_tiles(
     dk, dv, start, stop,
     k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n, tile_n, offs_d,
@@ -85,57 +154,14 @@ def _dkdv_tiles(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dK, dV contributions of the query tiles start, start + BLOCK_M, ... < stop of one
-    query head. EDGE: every modifier, mask and bound. Not EDGE (interior: every row
-    exists and sees every key of the block, no modifier): P^T = exp2(qk * qk_scale - lse2),
-    one FMA, no mask and no bound."""
+    query head (EDGE: see query_tile_grads)."""
     for start_m in range(start, stop, BLOCK_M):
-        rows = start_m + offs_m
-        m64 = tl.cast(start_m, tl.int64)
-        rows_ok = rows < seq_len_q  # used by the EDGE path only
-        if EDGE:
-            qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
-            do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                         mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
-        else:
-            qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=offs_d[:, None] < E, other=0.0)
-            do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                         mask=offs_dv[None, :] < EV, other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-            do = do.to(tl.float32)
-        if EDGE:
-            lse2 = lse_shift(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
-            delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
-            # recompute P^T for this (keys, queries) tile from the saved LSE
-            st, tt = scores_base2(
-                tl.dot(k, qt, input_precision=DOT_PRECISION), rows, offs_n, seq_len_q, seq_len_k,
-                qk_scale, softcap_scale, softcap_log2e, mask_base, stride_mm, stride_mn, alibi_log2e,
-                band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, True)
-            pt = tl.math.exp2(st - lse2[None, :])
-        else:
-            lse2 = tl.load(Lse + row_base + rows)  # finite: every row sees these keys
-            delta = tl.load(Delta + row_base + rows)
-            pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
-        # dP^T = V dO^T
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        pt_dropped = pt
-        if DROPOUT:
-            keep = dropout_keep(seed, off_zh, rows, offs_n, L, S, dropout_p, True)
-            pt_dropped = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
-            dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
-        # dV += (P * D)^T dO
-        dv += tl.dot(to_lowp(pt_dropped, do_base.dtype.element_ty, UPCAST), do, input_precision=DOT_PRECISION)
-        # dS^T = P^T * (dP^T - delta)
-        dst = pt * (dpt - delta[None, :])
-        if STORE_DS:  # a float mask: always the EDGE path
-            ds_ptrs = DS + (off_zh * L + m64) * S + n0 + offs_m[None, :] * S + tile_n[:, None]
-            tl.store(ds_ptrs, dst, mask=col_ok[:, None] & rows_ok[None, :])
-        if SOFTCAP:
-            dst = dst * (1.0 - tt * tt)
-        # dK += dS^T Q (scale applied once at the end)
-        dk += tl.dot(to_lowp(dst, q_base.dtype.element_ty, UPCAST), tl.trans(qt), input_precision=DOT_PRECISION)
+        dk, dv, _ = query_tile_grads(
+            dk, dv, start_m, k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n,
+            tile_n, offs_d, offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale,
+            softcap_log2e, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS,
+            dropout_p, band_lo, band_hi,
+            EDGE, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, STORE_DS, UPCAST, DOT_PRECISION)
     return dk, dv
 
 
@@ -441,6 +467,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods, dete
     key_dkdv = tuning.Key.of("dkdv", q.dtype, dim, mods.banded)
     key_dq = tuning.Key.of("dq", q.dtype, dim, mods.banded)
     if variants.onepass(key_dkdv, q.device, deterministic):
+        from . import attention_bwd_onepass  # imported here: it takes query_tile_grads from this module
+
         # its own tiles (the dK/dV first guess unless the variant names some): the table's
         # dkdv entry and the search are for the 3-kernel dK/dV kernel
         blocks = variants.tiles(variants.Choice("onepass", ""), key_dkdv) or tuning.default(key_dkdv)

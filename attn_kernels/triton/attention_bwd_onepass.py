@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import (alibi_slope_log2, dropout_keep, lse_shift, query_range, scores_base2, sequence_bounds,
-                     split_program_id, to_lowp)
+from .attention_bwd import query_tile_grads
+from .tiling import alibi_slope_log2, query_range, sequence_bounds, split_program_id, to_lowp
 
 
 @triton.jit
@@ -42,43 +42,18 @@ def _onepass_tiles(
     """dK, dV (returned) and dQ (atomically added) contributions of the query tiles
     start, start + BLOCK_M, ... < stop of one query head, against this program's keys."""
     for start_m in range(start, stop, BLOCK_M):
-        rows = start_m + offs_m
-        m64 = tl.cast(start_m, tl.int64)
-        rows_ok = rows < seq_len_q
-        qt = tl.load(q_base + m64 * stride_qm + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                     mask=(offs_d[:, None] < E) & rows_ok[None, :], other=0.0)
-        do = tl.load(do_base + m64 * stride_dm + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                     mask=rows_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
-        if UPCAST:
-            qt = qt.to(tl.float32)
-            do = do.to(tl.float32)
-        lse2 = lse_shift(tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0))
-        delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
-        # P^T of this (keys, queries) tile from the saved base-2 LSE
-        st, tt = scores_base2(
-            tl.dot(k, qt, input_precision=DOT_PRECISION), rows, offs_n, seq_len_q, seq_len_k,
-            qk_scale, softcap_scale, softcap_log2e, mask_base, stride_mm, stride_mn, alibi_log2e,
-            band_lo, band_hi, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, True)
-        pt = tl.math.exp2(st - lse2[None, :])
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        pt_dropped = pt
-        if DROPOUT:
-            keep = dropout_keep(seed, off_zh, rows, offs_n, L, S, dropout_p, True)
-            pt_dropped = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
-            dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
-        dv += tl.dot(to_lowp(pt_dropped, do_base.dtype.element_ty, UPCAST), do, input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        if STORE_DS:  # the gradient of a float mask: each (row, key) belongs to one program
-            ds_ptrs = DS + (off_zh * L + m64) * S + n0 + offs_m[None, :] * S + tile_n[:, None]
-            tl.store(ds_ptrs, dst, mask=col_ok[:, None] & rows_ok[None, :])
-        if SOFTCAP:
-            dst = dst * (1.0 - tt * tt)
-        dst_lowp = to_lowp(dst, q_base.dtype.element_ty, UPCAST)
-        dk += tl.dot(dst_lowp, tl.trans(qt), input_precision=DOT_PRECISION)
+        # P^T, dP^T, dV, dS^T (and a float mask's dS) and dK exactly as the dK/dV kernel's edge tiles
+        dk, dv, dst_lowp = query_tile_grads(
+            dk, dv, start_m, k, v, q_base, do_base, row_base, mask_base, alibi_log2e, off_zh, seed, offs_m, offs_n,
+            tile_n, offs_d, offs_dv, col_ok, n0, seq_len_q, seq_len_k, E, EV, L, S, qk_scale, softcap_scale,
+            softcap_log2e, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_mn, Lse, Delta, DS,
+            dropout_p, band_lo, band_hi,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, STORE_DS, UPCAST, DOT_PRECISION)
         # dQ += dS K, summed over key blocks by atomics (scale applied on the host)
+        rows_ok = start_m + offs_m < seq_len_q
         dq = tl.dot(tl.trans(dst_lowp), k, input_precision=DOT_PRECISION)
-        tl.atomic_add(dq_base + m64 * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                      mask=rows_ok[:, None] & (offs_d[None, :] < E), sem="relaxed")
+        tl.atomic_add(dq_base + tl.cast(start_m, tl.int64) * stride_dqm + offs_m[:, None] * stride_dqm
+                      + offs_d[None, :] * stride_dqd, dq, mask=rows_ok[:, None] & (offs_d[None, :] < E), sem="relaxed")
     return dk, dv
 
 

@@ -20,7 +20,11 @@ LSE is computed (what `attention_weights` needs).
 Variants (variants.py decides per launch): INTERIOR splits the key loop into edge
 tiles [lo, a), interior tiles [a, b) and edge tiles [b, hi) (tiling.interior_range);
 interior tiles (every key exists and every row may see it, no mask / ALiBi / softcap)
-skip masks and bounds, and their scores cost one FMA, qk * qk_scale - m.
+skip masks and bounds, and their scores cost one FMA, qk * qk_scale - m. TMA (variants
+"tma", "ws") reads Q, K, V and writes O through host-side tensor descriptors of the
+(Z, H, N, D) tensors, one (1, 1, rows, D) box per tile, so the hardware zero-fills rows
+past the (batch, head)'s own length and clips the store there (never with VARLEN, where a
+sequence's bounds are not the tensor's). WS (variant "ws") warp-specialises the key loop.
 
 Limits: head dims 1..256 (tiles padded to a power of two >= 16 and masked), any
 strides (stride 0 included), fp16 / bf16 / fp32. A row whose keys are all masked
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import tuning
 from .launch_config import dot_precision, head_block, upcast
@@ -44,20 +49,26 @@ def _fwd_tiles(
     acc, l_i, m_i, start, stop,
     Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
     softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
-    alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
+    alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p, DescK, DescV, desc_z, desc_hkv,
     EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, HAS_V: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """Online softmax over the key tiles start, start + BLOCK_N, ... < stop.
     EDGE: every modifier, mask and bound (tiling.scores_base2). Not EDGE (interior
     tiles: every key exists and is visible to every row, no modifier): no mask,
-    no bound, and the scale is one FMA, s2 - m = qk * qk_scale - m."""
-    for start_n in range(start, stop, BLOCK_N):
+    no bound, and the scale is one FMA, s2 - m = qk * qk_scale - m.
+    TMA: K and V tiles come through the (Z, Hkv, S, D) descriptors DescK / DescV at
+    (desc_z, desc_hkv), which zero-fill keys >= S and columns >= E, Ev (K, V unused).
+    WS: the loop is warp-specialised (producer warps load, consumer warps compute)."""
+    for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WS):
         cols = start_n + offs_n
         K_tile = K + tl.cast(start_n, tl.int64) * stride_kn
         V_tile = V + tl.cast(start_n, tl.int64) * stride_vn
-        if EDGE:
+        if TMA:
+            kt = tl.trans(DescK.load([desc_z, desc_hkv, start_n, 0]).reshape(BLOCK_N, offs_d.shape[0]))
+        elif EDGE:
             kt = tl.load(K_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=(offs_d[:, None] < E) & (cols[None, :] < seq_len_k), other=0.0)
         else:
@@ -85,7 +96,9 @@ def _fwd_tiles(
         alpha = tl.math.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_V:
-            if EDGE:
+            if TMA:
+                v = DescV.load([desc_z, desc_hkv, start_n, 0]).reshape(BLOCK_N, offs_dv.shape[0])
+            elif EDGE:
                 v = tl.load(V_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                             mask=(cols[:, None] < seq_len_k) & (offs_dv[None, :] < EV), other=0.0)
             else:
@@ -118,10 +131,13 @@ def _attn_fwd_kernel(
     Alibi, stride_az, stride_ah,
     Seed, dropout_p, softcap_scale, softcap_log2e, band_lo, band_hi,
     CuSeqQ, CuSeqK,
+    DescQ, DescK, DescV, DescO,  # tensor descriptors of q, k, v, out when TMA (else unused)
     MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
     BAND_LO: tl.constexpr, BAND_HI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_V: tl.constexpr,
     INTERIOR: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -154,8 +170,13 @@ def _attn_fwd_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
-    q = tl.load(Q + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < E), other=0.0)
+    # descriptor coordinates are int32 (TMA's); only used for padded batches (no VARLEN)
+    desc_z, desc_h, desc_hkv = off_z.to(tl.int32), off_h.to(tl.int32), off_hkv.to(tl.int32)
+    if TMA:
+        q = DescQ.load([desc_z, desc_h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = tl.load(Q + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < E), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -182,27 +203,31 @@ def _attn_fwd_kernel(
             acc, l_i, m_i, lo, a,
             Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
             softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
-            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
-            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p, DescK, DescV, desc_z, desc_hkv,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N,
+            TMA, False)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, a, b,
             Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
             softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
-            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
-            False, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p, DescK, DescV, desc_z, desc_hkv,
+            False, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N,
+            TMA, False)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, b, hi,
             Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
             softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
-            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
-            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p, DescK, DescV, desc_z, desc_hkv,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N,
+            TMA, False)
     else:
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, lo, hi,
             Q, K, V, q, offs_m, offs_n, offs_d, offs_dv, seq_len_q, seq_len_k, E, EV, L, S, qk_scale,
             softcap_scale, softcap_log2e, Mask, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
-            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p,
-            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N)
+            alibi_log2e, band_lo, band_hi, seed, off_zh, dropout_p, DescK, DescV, desc_z, desc_hkv,
+            True, MASK_KIND, HAS_ALIBI, SOFTCAP, BAND_LO, BAND_HI, DROPOUT, HAS_V, UPCAST, DOT_PRECISION, BLOCK_N,
+            TMA, WS)
 
     # epilogue: base-2 lse (exact: m_i when one key is visible); rows with no allowed
     # key get O = 0, lse = -inf
@@ -213,9 +238,13 @@ def _attn_fwd_kernel(
         out = acc / l_safe[:, None]
         if DROPOUT:
             out = out / (1.0 - dropout_p)
-        Out += off_z * stride_oz + off_h * stride_oh + (q_start + m0) * stride_om
-        tl.store(Out + tile_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                 to_lowp(out, Out.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < EV))
+        if TMA:  # the descriptor clips rows >= L and columns >= Ev
+            DescO.store([desc_z, desc_h, m0, 0],
+                        to_lowp(out, Out.dtype.element_ty, UPCAST).reshape(1, 1, BLOCK_M, BLOCK_DV))
+        else:
+            Out += off_z * stride_oz + off_h * stride_oh + (q_start + m0) * stride_om
+            tl.store(Out + tile_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                     to_lowp(out, Out.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_dv[None, :] < EV))
 
 
 def attention_fwd(q, k, v, lse, out, shape, mods):
@@ -227,17 +256,30 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
 
     key = tuning.Key.of("fwd", q.dtype, max(shape.E, shape.Ev), mods.banded)
     interior, variant_blocks = variants.plan(key, q.device, mods.constexprs)
+    tma = variants.tensor_descriptors(key, q.device, mods.constexprs, dict(q=q, k=k, v=v, out=out))
+    ws = variants.warp_specialized(key, q.device, mods.constexprs, tma)
 
     def launch(blocks):
         grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * shape.Z * shape.H,)
+        d, dv = head_block(shape.E), head_block(shape.Ev)
+        if tma:  # one (1, 1, rows, D) box per tile of a (Z, H, N, D) tensor: bounds per (batch, head)
+            descs = (TensorDescriptor.from_tensor(q, [1, 1, blocks.BLOCK_M, d]),
+                     TensorDescriptor.from_tensor(k, [1, 1, blocks.BLOCK_N, d]),
+                     TensorDescriptor.from_tensor(v_arg, [1, 1, blocks.BLOCK_N, dv]),
+                     TensorDescriptor.from_tensor(o_arg, [1, 1, blocks.BLOCK_M, dv]))
+        else:
+            descs = (q, k, v_arg, o_arg)
         _attn_fwd_kernel[grid](
             q, k, v_arg, o_arg, lse,
             *q.stride(), *k.stride(), *v_arg.stride(), *o_arg.stride(), *shape.lse_strides,
             shape.H, shape.group, shape.L, shape.S, shape.E, shape.Ev,
             mods.qk_scale,
             *mods.args,
+            *descs,
             HAS_V=v is not None,
             INTERIOR=interior,
+            TMA=tma,
+            WS=ws,
             UPCAST=upcast(q.dtype),
             DOT_PRECISION=dot_precision(q.dtype),
             BLOCK_M=blocks.BLOCK_M,

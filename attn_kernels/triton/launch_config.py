@@ -52,6 +52,7 @@ def _dim_class(dim: int) -> int:
 # 3.6 (74-141 registers; the previous 4-warp 64x32 / 32x32 tiles spilled 1-75 KB per
 # thread): scripts/compile_sweep.py, bench/results/static/sm90-*-compile-sweep.txt.
 _FP32_FORWARD = {64: Blocks(64, 32, 8, 2), 128: Blocks(32, 16, 8, 2), 256: Blocks(32, 16, 8, 1)}
+_FP32_DQ = {64: Blocks(64, 32, 8, 2), 128: Blocks(32, 32, 8, 2), 256: Blocks(32, 16, 8, 1)}
 _FP32_KEY_MAJOR = {64: Blocks(16, 64, 8, 2), 128: Blocks(32, 32, 8, 2), 256: Blocks(16, 32, 8, 1)}
 
 
@@ -67,14 +68,29 @@ def forward_blocks(dim: int, dtype: torch.dtype) -> Blocks:
     return Blocks(64, 32, 8, 2)
 
 
+def dq_blocks(dim: int, dtype: torch.dtype) -> Blocks:
+    """Tiles for the dQ pass: the forward's, but 8 warps for 16-bit inputs at D <= 64
+    (with 4 warps the 128x64 tile spilled 16-48 B on sm_90; with 8, 137-149 registers
+    and no spills with Triton 3.6 and 3.9: bench/results/static/)."""
+    if dtype == torch.float32:
+        return _FP32_DQ[_dim_class(dim)]
+    blocks = forward_blocks(dim, dtype)
+    if dim <= 64:
+        return Blocks(blocks.BLOCK_M, blocks.BLOCK_N, 8, blocks.num_stages)
+    return blocks
+
+
 def key_major_blocks(dim: int, dtype: torch.dtype) -> Blocks:
-    """Tiles for the dK/dV pass: BLOCK_N keys stay resident, BLOCK_M queries stream."""
+    """Tiles for the dK/dV pass: BLOCK_N keys stay resident, BLOCK_M queries stream.
+    16-bit inputs take 8 warps: with 4, these tiles spilled on sm_90 (D=64: 24-164 B
+    at 255 registers; D=128: 8-16 B with Triton 3.6); with 8, no spills and 143-184
+    registers with Triton 3.6 and 3.9 (bench/results/static/)."""
     if dtype == torch.float32:
         return _FP32_KEY_MAJOR[_dim_class(dim)]
     if dim <= 64:
-        return Blocks(32, 128, 4, 3)
+        return Blocks(32, 128, 8, 3)
     if dim <= 128:
-        return Blocks(32, 64, 4, 2)
+        return Blocks(32, 64, 8, 2)
     return Blocks(32, 32, 4, 1)
 
 

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from .launch_config import Blocks, forward_blocks, head_block, interpreting, key_major_blocks
+from .launch_config import Blocks, dq_blocks, forward_blocks, head_block, interpreting, key_major_blocks
 
 TABLE_DIR = Path(__file__).resolve().parent / "tuned"
 KINDS = ("fwd", "dkdv", "dq", "weights")  # which kernel; "dq" and "weights" are query-major like "fwd"
@@ -59,7 +59,7 @@ class Key(NamedTuple):
 def default(key: Key) -> Blocks:
     """The first guess (launch_config.py), used when no table or cache has the key."""
     dtype = torch.float32 if key.dtype == "fp32" else torch.bfloat16
-    pick = key_major_blocks if key.kind == "dkdv" else forward_blocks
+    pick = {"dkdv": key_major_blocks, "dq": dq_blocks}.get(key.kind, forward_blocks)
     return pick(key.dim, dtype)
 
 

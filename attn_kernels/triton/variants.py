@@ -16,6 +16,9 @@ the recorded reason says so) and the tiles the variant is defined by (`tiles`,
 handed to tuning.run, which otherwise takes the tile table or the first guess).
 A backward first asks `onepass(key, device, deterministic)`: whether variant "onepass"
 replaces its 3 kernels by one (never with deterministic=True; recorded as kind "bwd").
+The forward then asks `tensor_descriptors(...)` (variants "tma" and "ws": TMA where the
+strides allow, else the pointer path with the reason recorded) and `warp_specialized(...)`
+(variant "ws": its non-causal loop; NotImplementedError below sm_100).
 
 `last_choices()` returns what the latest launch of each kind chose (for benchmarks
 and tests: which variant really ran).
@@ -30,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import tuning
+from . import launch_config, tuning
 
 ENV = "ATTN_KERNELS_TRITON_VARIANT"
 
@@ -45,6 +48,15 @@ VARIANTS = {
             "elsewhere as baseline (where these spill on sm_90: the backward at D = 128, and with F1's split loops)",
     "onepass": "B1: one backward kernel per key block, dQ summed by fp32 atomic adds (5 matmuls per tile instead of "
                "7); not bit-reproducible, so deterministic=True keeps the 3-kernel path; forward as baseline",
+    "tma": "F3: the baseline forward with Q/K/V loads and the O store through host-side tensor descriptors "
+           "(TMA on sm_90+), one 4-D (Z, H, N, D) descriptor per tensor so a tile's bounds are its own "
+           "(batch, head)'s; 16-bit inputs only; the pointer path for float32, where strides forbid it or "
+           "for packed (varlen) batches; "
+           "backward as baseline",
+    "ws": "F4: the tma forward with its non-causal key loop warp-specialised (tl.range(warp_specialize=True): "
+          "producer warps issue the TMA loads, consumer warps the MMAs and softmax); Triton 3.6 and 3.9 apply "
+          "it on sm_100+ only, so on sm_90 and older it refuses with NotImplementedError; causal / banded "
+          "loops and shapes without descriptors run unspecialised; backward as baseline",
 }
 
 # variant -> {kernel kind: ((BLOCK_M, BLOCK_N, num_warps, num_stages), largest padded D)}, 16-bit inputs;
@@ -59,6 +71,13 @@ _TILES = {
 _SPLIT = ("interior",)
 # variants that replace the 3-kernel backward by one kernel (attention_bwd_onepass.py)
 _ONEPASS = ("onepass",)
+# variants that change only the forward kernel (a backward under them runs the baseline)
+_FORWARD_ONLY = ("tma", "ws")
+# variants whose forward reads and writes through tensor descriptors (where strides allow)
+_DESCRIPTORS = ("tma", "ws")
+# the first compute capability (x10) on which Triton 3.6 / 3.9 warp-specialise a loop: their Hopper pass
+# leaves the loop unchanged at 8 warps and fails to compile at 4 (tests/test_triton_hopper_variants.py)
+WS_MIN_ARCH = 100
 
 
 class Choice(NamedTuple):
@@ -165,7 +184,54 @@ def plan(key: tuning.Key, device: torch.device, constexprs: dict) -> tuple:
     if choice.name in _ONEPASS:  # a forward, or a backward that `onepass` kept on the 3 kernels
         choice = Choice("baseline", f"{choice.reason}: {choice.name!r} changes only the one-pass backward; "
                                     f"this launch runs the baseline kernel")
+    if choice.name in _FORWARD_ONLY and key.kind != "fwd":
+        choice = Choice("baseline", f"{choice.reason}: {choice.name!r} changes only the forward; "
+                                    f"this launch runs the baseline kernel")
     return interior_split(key.kind, choice, constexprs), tiles(choice, key)
+
+
+def descriptor_blocker(t: torch.Tensor) -> str | None:
+    """Why tensor `t` (a (Z, H, N, D) kernel view) cannot be read through a TMA
+    descriptor, or None when it can: the base must be 16-byte aligned, every stride
+    but the last a non-zero multiple of 16 bytes (0, a broadcast, is left to the
+    pointer path), the last dim contiguous."""
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return "base not 16-byte aligned"
+    if t.stride(-1) != 1:
+        return f"last dim not contiguous (stride {t.stride(-1)})"
+    bad = [s for s in t.stride()[:-1] if s == 0 or (s * size) % 16]
+    if bad:
+        return f"strides {tuple(t.stride())} (elements of {size} B) not all non-zero multiples of 16 bytes"
+    return None
+
+
+def tensor_descriptors(key: tuning.Key, device: torch.device, constexprs: dict, tensors: dict) -> bool:
+    """Whether the forward launch of `key` reads Q/K/V and writes O through tensor
+    descriptors (variants "tma", "ws"; 16-bit inputs only), given its (Z, H, N, D) kernel views `tensors`
+    ({"q": q, ...}, None entries skipped) and its score-modifier flags; recorded for
+    `last_choices` (replacing what `plan` recorded for this launch). Packed (varlen)
+    batches keep the pointer path: a descriptor's bounds would be the packed tensor's,
+    so a ragged tile would read, and its store clip at, the next sequence's rows."""
+    choice = select(key, device)
+    if choice.name not in _DESCRIPTORS or key.kind != "fwd":
+        return False
+    blockers = []
+    if key.dtype == "fp32":  # IEEE fp32 dots are FMA loops: with descriptor loads they spilled 0.6-3 KiB on sm_90
+        blockers.append("float32 inputs (descriptors only for 16-bit inputs)")
+    if constexprs.get("VARLEN"):
+        blockers.append("packed (varlen) batch: a descriptor cannot bound a tile to its sequence")
+    for name, t in tensors.items():
+        why = None if t is None else descriptor_blocker(t)
+        if why:
+            blockers.append(f"{name}: {why}")
+    if blockers:
+        also = ", and no warp specialisation (it needs the descriptors)" if choice.name == "ws" else ""
+        record(key.kind, Choice("baseline", f"{choice.reason}: {choice.name!r} asked, pointer loads because "
+                                            f"{'; '.join(blockers)}{also}"))
+        return False
+    record(key.kind, choice)
+    return True
 
 
 def onepass(key: tuning.Key, device: torch.device, deterministic: bool) -> bool:
@@ -173,6 +239,8 @@ def onepass(key: tuning.Key, device: torch.device, deterministic: bool) -> bool:
     "onepass": dQ by atomics) instead of the 3 kernels; recorded as kind "bwd". Never
     with deterministic=True: the atomics' order, so dQ's last bits, changes run to run."""
     choice = select(key, device)
+    if choice.name in _FORWARD_ONLY:
+        choice = Choice("baseline", f"{choice.reason}: {choice.name!r} changes only the forward")
     if choice.name not in _ONEPASS:
         record("bwd", choice)
         return False
@@ -181,4 +249,43 @@ def onepass(key: tuning.Key, device: torch.device, deterministic: bool) -> bool:
                                          f"because deterministic=True (dQ by atomics is not bit-reproducible)"))
         return False
     record("bwd", choice)
+    return True
+
+
+def _target_arch():
+    """Compute capability x10 of the GPU Triton compiles for (the stand-in driver's under
+    bench/kernel_resources.py), or None when it is not an NVIDIA GPU."""
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.arch if target.backend == "cuda" else None
+
+
+def warp_specialized(key: tuning.Key, device: torch.device, constexprs: dict, descriptors: bool) -> bool:
+    """Whether the forward launch of `key` warp-specialises its key loop (variant "ws"),
+    given whether it got tensor descriptors (`tensor_descriptors`); recorded for
+    `last_choices`. Raises NotImplementedError on a GPU below sm_100, where the installed
+    Triton would silently leave the loop unspecialised (or fail to compile it). The
+    interpreter runs the loop as written (it ignores warp_specialize): correctness only."""
+    choice = select(key, device)
+    if choice.name != "ws" or key.kind != "fwd":
+        return False
+    if not launch_config.interpreting():
+        arch = _target_arch()
+        if arch is None or arch < WS_MIN_ARCH:
+            import triton
+
+            where = f"sm_{arch}" if arch is not None else "a non-NVIDIA GPU"
+            raise NotImplementedError(
+                f"kernel variant 'ws' (warp specialisation, {choice.reason}) needs an NVIDIA GPU of compute "
+                f"capability >= {WS_MIN_ARCH // 10}.0: on {where}, Triton {triton.__version__} does not apply "
+                f"warp_specialize (Triton 3.6 and 3.9 leave the loop unchanged at 8 warps and fail to compile it at "
+                f"4 on sm_90); choose another variant ({', '.join(n for n in VARIANTS if n != 'ws')})")
+    if not descriptors:  # tensor_descriptors recorded why
+        return False
+    if constexprs.get("BAND_LO") or constexprs.get("BAND_HI"):
+        record(key.kind, Choice("tma", f"{choice.reason}: 'ws' asked, descriptors only: the causal / banded "
+                                       f"key loop is not warp-specialised"))
+        return False
+    record(key.kind, choice)
     return True
