@@ -29,6 +29,15 @@ def _zero_column(t: torch.Tensor) -> torch.Tensor:
     return t.sum(-1, keepdim=True)
 
 
+def as_4d(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """(*batch, H, N, D) or (N, D) -> (Z, H, N, D), the backends' layout; a view whenever strides allow."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    return t.reshape(math.prod(spec.batch), *t.shape[-3:])
+
+
 def _flattens(t: torch.Tensor) -> bool:
     """Whether (*batch, H, N, D) views as (Z, H, N, D) without a copy."""
     try:

@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _kernel_inputs, _nested, cpu, ops, reference
+from . import _kernel_inputs, _nested, cpu, reference, triton_ops
 from ._checks import (
     AttentionArgumentError, AttentionSpec, _check_flag, check_attention, check_backend, check_kvcache, check_varlen,
 )
@@ -52,10 +52,15 @@ def _triton_status() -> BackendStatus:
     return BackendStatus(False, "no CUDA GPU, and TRITON_INTERPRET=1 is not set for the CPU interpreter")
 
 
-def _cuda_status() -> BackendStatus:
-    from . import cuda  # registers the attn_kernels::cuda_* ops; needs no _C to import
+def _cuda():
+    """The CUDA backend's module (registers the attn_kernels::cuda_* ops; needs no _C to import)."""
+    from . import cuda
 
-    return BackendStatus(*cuda.status())
+    return cuda
+
+
+def _cuda_status() -> BackendStatus:
+    return BackendStatus(*_cuda().status())
 
 
 def available_backends() -> dict:
@@ -214,11 +219,11 @@ def fused_attention(
     # broadcast dims, E = 0, Ev = 0 and dropout_p = 1 in the kernels' form (_kernel_inputs.py)
     mask = attn_mask if spec.has_mask else None
     if name == "cuda":
-        run = lambda q, k, v, m, a, s: ops.cuda_attention(q, k, v, s, deterministic)  # noqa: E731
+        run = lambda q, k, v, m, a, s: _cuda().attention(q, k, v, s, deterministic)  # noqa: E731
     elif name == "cpu":
         run = lambda q, k, v, m, a, s: cpu.fused_attention(q, k, v, m, a, s, return_lse)  # noqa: E731
     else:
-        run = lambda q, k, v, m, a, s: ops.fused_attention(q, k, v, m, a, s, deterministic)  # noqa: E731
+        run = lambda q, k, v, m, a, s: triton_ops.fused_attention(q, k, v, m, a, s, deterministic)  # noqa: E731
     out, lse = _kernel_inputs.attention(run, query, key, value, mask, alibi_slopes, spec)
     return (out, lse) if return_lse else out
 
@@ -290,7 +295,7 @@ def fused_attention_varlen(
             is_causal=is_causal, scale=scale, window_size=window_size, softcap=softcap,
             alibi_slopes=alibi_slopes, return_lse=return_lse,
         )
-    run = lambda q_, k_, v_, s: ops.fused_attention_varlen(  # noqa: E731
+    run = lambda q_, k_, v_, s: triton_ops.fused_attention_varlen(  # noqa: E731
         q_, k_, v_, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s, deterministic)
     if name == "cpu":
         run = lambda q_, k_, v_, s: cpu.fused_attention_varlen(q_, k_, v_, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s)  # noqa: E731
@@ -328,7 +333,7 @@ def attention_weights(
             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         )
     mask = attn_mask if spec.has_mask else None
-    run = cpu.attention_weights if name == "cpu" else ops.attention_weights
+    run = cpu.attention_weights if name == "cpu" else triton_ops.attention_weights
     return _kernel_inputs.weights(run, query, key, mask, alibi_slopes, spec)
 
 
@@ -403,8 +408,10 @@ def fused_attention_with_kvcache(
         )
     elif name == "cpu":
         out, lse = cpu.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, spec)
-    else:
-        out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, spec)
+    else:  # Triton split-KV decoding: no autograd, so no custom op in between
+        from .triton.attention_decode import attention_with_kvcache
+
+        out, lse = attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, spec)
     return (out, lse) if return_lse else out
 
 
@@ -431,4 +438,4 @@ def dropout_keep_mask(
         shape = spec.weights_shape if spec.rank > 2 else (1, 1, spec.len_q, spec.len_k)
         keep = torch.rand(shape, dtype=spec.dtype, device=spec.device) >= spec.dropout_p
         return keep.reshape(spec.weights_shape)
-    return ops.dropout_keep_mask(query, key, spec)
+    return triton_ops.dropout_keep_mask(query, key, spec)

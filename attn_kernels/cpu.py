@@ -31,6 +31,7 @@ import torch
 
 from . import cpu_dropout, cpu_varlen
 from ._checks import AttentionArgumentError, AttentionSpec
+from ._kernel_inputs import as_4d
 from .cpu_blocked import BlockedAttention, mask_layout
 from .cpu_tiles import Problem, acc_dtype
 from .cpu_weights import BlockedWeights
@@ -71,15 +72,6 @@ def torch_kernel_covers(spec: AttentionSpec, attn_mask, return_lse: bool, *tenso
     if return_lse and spec.dtype in (torch.float16, torch.bfloat16):
         return False  # its 16-bit lse is ~5e-5 off (measured): 20-100x what the float32 lse's rule allows
     return not (return_lse and _grad_wanted(*tensors, mask))  # nor an lse gradient
-
-
-def _as_4d(t: torch.Tensor, spec) -> torch.Tensor:
-    """(*batch, H, N, D) or (N, D) -> (Z, H, N, D); a view whenever strides allow."""
-    if t.dim() == 4:
-        return t
-    if t.dim() == 2:
-        return t.unsqueeze(0).unsqueeze(0)
-    return t.reshape(math.prod(spec.batch), *t.shape[-3:])
 
 
 def _mask_4d(mask: torch.Tensor, spec) -> torch.Tensor:
@@ -140,7 +132,7 @@ class _Float32Backward(torch.autograd.Function):
 
 def _torch_kernel(query, key, value, attn_mask, spec: AttentionSpec):
     """torch's fused CPU kernel -> (out, lse) in (Z, Hq, L, *) layout."""
-    q, k, v = (_as_4d(t, spec) for t in (query, key, value))
+    q, k, v = (as_4d(t, spec) for t in (query, key, value))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = None
     if spec.has_mask:
@@ -185,7 +177,7 @@ def _problem_factory(spec: AttentionSpec, alibi_slopes, seed: int = 0):
 def _grouped(query, key, spec: AttentionSpec):
     """query as (Z, Hkv, G, L, E) and key as (Z, Hkv, S, E), views whenever strides allow."""
     z, hq, hkv = math.prod(spec.batch), spec.heads_q, spec.heads_kv
-    return _as_4d(query, spec).view(z, hkv, hq // hkv, spec.len_q, spec.dim_qk), _as_4d(key, spec)
+    return as_4d(query, spec).view(z, hkv, hq // hkv, spec.len_q, spec.dim_qk), as_4d(key, spec)
 
 
 def _blocked(query, key, value, attn_mask, alibi_slopes, spec: AttentionSpec):
@@ -193,7 +185,7 @@ def _blocked(query, key, value, attn_mask, alibi_slopes, spec: AttentionSpec):
     seed = cpu_dropout.draw_seed() if spec.dropout_p > 0.0 else 0
     q5, k4 = _grouped(query, key, spec)
     mask = attn_mask if spec.has_mask else None
-    out, lse = BlockedAttention.apply(q5, k4, _as_4d(value, spec), mask, _problem_factory(spec, alibi_slopes, seed))
+    out, lse = BlockedAttention.apply(q5, k4, as_4d(value, spec), mask, _problem_factory(spec, alibi_slopes, seed))
     return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)
 
 

@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import AttentionSpec
+from ._kernel_inputs import as_4d
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 LN2 = math.log(2.0)
@@ -370,3 +371,11 @@ def fused_attention(
     `refusal`."""
     out, lse, _ = torch.ops.attn_kernels.cuda_fwd(q, k, v, bool(is_causal), float(scale), bool(deterministic))
     return out, lse
+
+
+def attention(query, key, value, spec: AttentionSpec, deterministic: bool):
+    """api.py's entry: `fused_attention` on (Z, H, N, D) views of the caller's
+    (*batch, H, N, D) tensors; (out, lse) in the caller's shapes."""
+    q, k, v = (as_4d(t, spec) for t in (query, key, value))
+    out, lse = fused_attention(q, k, v, spec.is_causal, spec.scale, deterministic)
+    return out.reshape(spec.out_shape), lse.reshape(spec.lse_shape)

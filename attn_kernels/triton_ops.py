@@ -1,12 +1,18 @@
-"""The Triton backend as torch custom ops: attn_kernels::triton_fwd, ::triton_bwd and
-::triton_weights, with fake (shape-only) implementations and autograd formulas.
+"""The Triton backend's entry from api.py, and its kernels as torch custom ops.
 
-Why ops and not plain Python: torch.compile then sees each launch as one opaque node
-of known output shapes, whatever the launcher does inside (tile choice in
-triton/tuning.py reads files and may search), so `fullgraph=True` traces models that
-use the Triton kernels, and the CPU tests can check that through the interpreter.
-The Triton modules are imported inside the ops, on first use (TRITON_INTERPRET must
-be set before that).
+One call's route: api.py -> here (caller shapes -> kernel inputs, then the custom op
+attn_kernels::triton_fwd / ::triton_bwd / ::triton_weights) -> triton/launch.py
+(layouts, allocation) -> the kernel's launcher triton/attention_{fwd,bwd,weights}.py,
+which asks triton/variants.py which variant runs and why (`variants.last_choices()`)
+and triton/tuning.py for its tiles. Decoding over a KV cache needs no autograd: api.py
+calls triton/attention_decode.py directly.
+
+Why custom ops and not plain Python: torch.compile then sees each launch as one opaque
+node of known output shapes, whatever the launcher does inside (tile choice reads
+files and may search), so `fullgraph=True` traces models that use the Triton kernels,
+and the CPU tests check that through the interpreter. The Triton modules are imported
+inside the functions, on first use, so that `import attn_kernels` needs no Triton and
+`TRITON_INTERPRET=1` set before the first call still counts.
 
 Tensor layouts are launch.py's: padded q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev),
 or packed (total, H, D) with cu_seqlens. Score modifiers travel as plain arguments:
@@ -16,13 +22,116 @@ int64 (1,) device tensor (dropout), band (lo, hi) bounds of j - i (None = unboun
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+from ._checks import AttentionSpec
+from ._kernel_inputs import as_4d
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+SEED_HIGH = 2**62
+
+
+# ---- entry points (api.py): caller shapes -> kernel inputs -> the custom ops below ----
+
+def natural_lse(lse2: Tensor) -> Tensor:
+    """The kernels' base-2 LSE as users see it: natural log (differentiable)."""
+    return lse2 * LN2
+
+
+def _draw_seed(spec: AttentionSpec) -> Optional[Tensor]:
+    """Dropout seed from torch's generator for the device (torch.manual_seed replays
+    it); it stays on the device, so no host sync."""
+    if spec.dropout_p == 0.0:
+        return None
+    return torch.randint(0, SEED_HIGH, (1,), device=spec.device, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class _KernelConfig:
+    """Everything the kernels need besides q, k, v and the mask (which autograd tracks)."""
+
+    spec: AttentionSpec
+    alibi: Optional[Tensor]  # (Z, Hq) float32 view
+    seed: Optional[Tensor]
+    packed: Optional[tuple] = None  # launch.Packed for varlen calls
+
+    @staticmethod
+    def build(spec: AttentionSpec, alibi_slopes, packed=None) -> "_KernelConfig":
+        alibi = None
+        if alibi_slopes is not None:
+            # (Hq,) or (*batch, Hq) -> (Z, Hq), stride 0 over batch when shared
+            z = math.prod(spec.batch)
+            alibi = alibi_slopes.detach().float().reshape(-1, spec.heads_q).expand(z, spec.heads_q)
+        return _KernelConfig(spec, alibi, _draw_seed(spec), packed)
+
+    def kernel_mask(self, mask: Optional[Tensor]) -> Optional[Tensor]:
+        """The mask as a (Z, Hq, L, S) view (stride 0 where broadcast): autograd sums
+        the kernel's dS back to the caller's shape through this view."""
+        if mask is None:
+            return None
+        spec = self.spec
+        z = math.prod(spec.batch)
+        return mask.expand(spec.weights_shape).reshape(z, spec.heads_q, spec.len_q, spec.len_k)
+
+    def op_args(self, deterministic: bool = False) -> tuple:
+        """triton_fwd's arguments after q, k, v and the mask."""
+        spec, packed = self.spec, self.packed
+        lo, hi = spec.band(packed=packed is not None)
+        cu = (packed.cu_seqlens_q, packed.cu_seqlens_k, packed.max_seqlen_q, packed.max_seqlen_k) if packed else \
+            (None, None, 0, 0)
+        return (self.alibi, self.seed, *cu, float(spec.scale), float(spec.dropout_p), float(spec.softcap), lo, hi,
+                bool(deterministic))
+
+
+def fused_attention(query, key, value, attn_mask, alibi_slopes, spec: AttentionSpec, deterministic: bool = False):
+    """Forward (+ backward through autograd) on (*batch, H, N, D) inputs; (out, lse) in
+    the caller's shapes. deterministic: a bit-reproducible backward (no dQ atomics)."""
+    q, k, v = (as_4d(t, spec) for t in (query, key, value))
+    config = _KernelConfig.build(spec, alibi_slopes)
+    mask = config.kernel_mask(attn_mask if spec.has_mask else None)
+    out, lse2 = triton_fwd(q, k, v, mask, *config.op_args(deterministic))
+    return out.reshape(spec.out_shape), natural_lse(lse2).reshape(spec.lse_shape)
+
+
+def fused_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, spec: AttentionSpec,
+                           deterministic: bool = False):
+    """Packed q (total_q, Hq, E), k/v (total_k, Hkv, *) -> (out (total_q, Hq, Ev), lse (Hq, total_q))."""
+    from .triton.launch import Packed
+
+    packed = Packed(cu_seqlens_q, cu_seqlens_k, spec.len_q, spec.len_k)
+    config = _KernelConfig.build(spec, alibi_slopes, packed)
+    out, lse2 = triton_fwd(q, k, v, None, *config.op_args(deterministic))
+    return out, natural_lse(lse2)
+
+
+def attention_weights(query, key, attn_mask, alibi_slopes, spec: AttentionSpec):
+    """Probabilities (*batch, Hq, L, S) in the input dtype."""
+    q, k = as_4d(query, spec), as_4d(key, spec)
+    config = _KernelConfig.build(spec, alibi_slopes)
+    lo, hi = spec.band()
+    mask = config.kernel_mask(attn_mask if spec.has_mask else None)
+    probs = triton_weights(q, k, mask, config.alibi, float(spec.scale), float(spec.softcap), lo, hi)
+    return probs.reshape(spec.weights_shape)
+
+
+def dropout_keep_mask(query, key, spec: AttentionSpec) -> Tensor:
+    """The keep-mask (bool, (..., Hq, L, S)) that the kernels draw for a call made now
+    with these shapes and spec.dropout_p (same generator use as the call)."""
+    from .triton.dropout_mask import dropout_mask
+
+    seed = _draw_seed(spec)
+    keep = dropout_mask(seed, math.prod(spec.batch), spec.heads_q, spec.len_q, spec.len_k, spec.dropout_p,
+                        query.device)
+    return keep.reshape(spec.weights_shape)
+
+
+# ---- the custom ops ----
 
 def _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, softcap,
           band_lo, band_hi):
@@ -48,7 +157,7 @@ def triton_fwd(
     deterministic is for the backward (it travels there with the other scalars).
 
     lse2 is in base 2 (logsumexp / ln 2), as the kernels keep it: the backward recomputes
-    P from it with no change of base. Callers convert it for users (ops.natural_lse)."""
+    P from it with no change of base. Callers convert it for users (natural_lse)."""
     launch, mods, packed = _mods(q, mask, alibi, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  scale, dropout_p, softcap, band_lo, band_hi)
     return launch.forward(q, k, v, mods, packed)

@@ -45,7 +45,7 @@ def test_float_mask_low_precision_with_bias_gradient(dtype):
 def test_mask_is_not_expanded_or_copied():
     # a key-padding mask broadcast over heads and queries reaches the kernel with stride 0
     from attn_kernels._checks import check_attention
-    from attn_kernels.ops import _KernelConfig
+    from attn_kernels.triton_ops import _KernelConfig
 
     q, k, v = make_qkv((B,), HQ, HQ, 33, 47, 16, 16, FP32)
     mask = torch.rand(B, 1, 1, 47, device=DEVICE) > 0.5

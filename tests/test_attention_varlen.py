@@ -9,7 +9,7 @@ from conftest import DEVICE
 from test_attention_fwd import BF16, FP16, FP32
 
 from attn_kernels import dropout_keep_mask, fused_attention, fused_attention_varlen, pack, reference, unpack
-from attn_kernels.ops import _draw_seed  # noqa: F401  (the generator use dropout replays)
+from attn_kernels.triton_ops import _draw_seed  # noqa: F401  (the generator use dropout replays)
 
 
 def packed_inputs(lengths_q, lengths_k, hq, hkv, e, ev, dtype):

@@ -118,16 +118,16 @@ def test_batch_and_head_dims_broadcast(backend, case):
 
 def test_broadcast_key_value_are_views_not_copies(monkeypatch):
     # what reaches the Triton op: K / V of the broadcast batch as stride-0 views of the caller's memory
-    from attn_kernels import ops
+    from attn_kernels import triton_ops
 
     seen = {}
-    real = ops.fused_attention
+    real = triton_ops.fused_attention
 
     def spy(q, k, v, *rest):
         seen.update(k=k, v=v)
         return real(q, k, v, *rest)
 
-    monkeypatch.setattr(ops, "fused_attention", spy)
+    monkeypatch.setattr(triton_ops, "fused_attention", spy)
     q, k, v = rand(3, 4, 5, 8), rand(1, 1, 6, 8), rand(1, 1, 6, 8)
     fused_attention(q, k, v, backend="triton")
     assert seen["k"].data_ptr() == k.data_ptr() and seen["v"].data_ptr() == v.data_ptr()

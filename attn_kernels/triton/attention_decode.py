@@ -216,3 +216,37 @@ def attention_decode(q, k_cache, v_cache, seqlens, block_table, alibi, out, lse,
         HQ, LQ, EV, num_splits,
         UPCAST=upcast(q.dtype), BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=head_block(EV),
     )
+
+
+def _auto_splits(spec, programs: int, max_keys: int) -> int:
+    """Enough splits to give the GPU ~2 programs per SM, none shorter than 256 keys."""
+    if spec.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(spec.device).multi_processor_count
+    else:
+        sms = 4  # the interpreter: a few splits, so the merge is exercised
+    wanted = -(-2 * sms // max(programs, 1))
+    return max(1, min(wanted, -(-max_keys // 256), 128))
+
+
+def attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table, alibi_slopes, spec):
+    """api.py's entry (an AttentionSpec of _checks.check_kvcache): picks the splits and
+    launches; returns out (B, Lq, Hq, Ev) and lse float32 (B, Hq, Lq)."""
+    B, Lq, Hq = spec.batch, spec.len_q, spec.heads_q
+    out = torch.zeros((B, Lq, Hq, spec.dim_v), device=q.device, dtype=q.dtype)
+    lse = torch.full((B, Hq, Lq), float("-inf"), device=q.device, dtype=torch.float32)
+    max_keys = spec.max_keys
+    if out.numel() == 0 or max_keys == 0:
+        return out, lse
+    group_rows = Hq // spec.heads_kv * Lq
+    block_m, block_n, _ = decode_blocks(group_rows, max(spec.dim_qk, spec.dim_v), q.dtype)
+    num_splits = spec.num_splits or _auto_splits(spec, B * spec.heads_kv * -(-group_rows // block_m), max_keys)
+    num_splits = min(num_splits, -(-max_keys // block_n))  # no split without a tile of keys
+    split_len = -(-max_keys // (num_splits * block_n)) * block_n
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = alibi_slopes.float().reshape(-1, Hq).expand(B, Hq)
+    attention_decode(
+        q, k_cache, v_cache, seqlens, block_table, alibi, out, lse, num_splits=num_splits, split_len=split_len,
+        scale=spec.scale, is_causal=spec.is_causal, window=spec.window, softcap=spec.softcap,
+    )
+    return out, lse

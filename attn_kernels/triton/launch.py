@@ -1,6 +1,6 @@
 """Host side of the Triton backend: layouts, allocation and kernel arguments.
 
-Callers (`attn_kernels/ops.py`) hand over tensors in one of two layouts:
+Callers (the custom ops of `attn_kernels/triton_ops.py`) hand over tensors in one of two layouts:
   padded  q (Z, Hq, L, E), k (Z, Hkv, S, E), v (Z, Hkv, S, Ev)   any strides
   packed  q (total_q, Hq, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev), with
           `Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`
