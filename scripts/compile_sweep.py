@@ -16,7 +16,7 @@ nothing runs. Per case: the kernels compiled, their registers / spills / shared
 memory, or the error. Cases: every feature (causal, windows, bool and float masks with
 the mask gradient, ALiBi, softcap, dropout, varlen, GQA, Ev != E, the lse gradient) in
 three dtypes at D = 64 and an odd D; plain and causal at every head-dim class; weights,
-decode (contiguous and paged) and the dropout mask; plain / causal / varlen for every
+decode (contiguous and paged) and the dropout mask; plain / causal / varlen / bool mask / dropout for every
 kernel variant (variants.py). Exit status 1 when any case fails or over-uses shared
 memory. Compile-only: says nothing of speed or of results.
 """
@@ -140,7 +140,7 @@ def cases(quick: bool = False) -> list:
         if name == "baseline":
             continue
         for dim in ((64, 128) if not quick else (128,)):
-            for feat in ("plain", "causal", "varlen_causal"):
+            for feat in ("plain", "causal", "varlen_causal", "bool_mask", "dropout"):
                 out.append((f"fwd+bwd bfloat16 D={dim} {feat}", name, _attention_case(torch.bfloat16, dim, feat, True)))
     return out
 

@@ -33,6 +33,28 @@ def test_keys_share_16bit_dtypes_and_pad_the_head_dim():
         tuning.Key.of("forward", BF16, 64, False)
 
 
+def test_masked_launches_have_their_own_key_and_smaller_first_tiles(files):
+    """A user mask or dropout (not ALiBi, softcap or a band) makes the key "masked": its
+    first guess keeps the per-score loads in registers on sm_90 (compile sweep), and a
+    table entry for the plain key does not apply to it."""
+    from attn_kernels.triton import launch
+
+    q = torch.empty(1, 2, 8, 128, dtype=BF16)
+    mask = torch.ones(1, 2, 8, 8, dtype=torch.bool)
+    seed = torch.zeros(1, dtype=torch.int64)
+    assert launch.score_mods(q, 0.1, mask=mask).masked and launch.score_mods(q, 0.1, seed=seed, dropout_p=0.1).masked
+    assert not launch.score_mods(q, 0.1, alibi=torch.ones(1, 2), softcap=5.0, band=(None, 0)).masked
+    masked = tuning.Key.of("fwd", BF16, 128, False, masked=True)
+    assert masked.name() == "fwd/16bit/d128/full/masked" and FWD.name() == "fwd/16bit/d128/full"
+    for kind, dim in (("fwd", 64), ("fwd", 128), ("dq", 128)):
+        plain, heavy = (tuning.default(tuning.Key.of(kind, BF16, dim, False, m)) for m in (False, True))
+        assert heavy != plain and heavy.BLOCK_M * heavy.BLOCK_N / heavy.num_warps < plain.BLOCK_M * plain.BLOCK_N / \
+            plain.num_warps, (kind, dim, plain, heavy)  # fewer scores per thread
+    tuning.write_config(tuning.table_path("fake-gpu"), FWD, Blocks(128, 128, 8, 3), {"gpu": "fake-gpu"}, ms=1.0)
+    assert tuning.choose(FWD, "fake-gpu")[1] == "table"
+    assert tuning.choose(masked, "fake-gpu") == (tuning.default(masked), "default")
+
+
 def test_choice_order_forced_table_cache_default(files):
     gpu = "fake-gpu"
     assert tuning.choose(FWD, gpu) == (tuning.default(FWD), "default")

@@ -464,8 +464,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods, dete
     )
 
     dim = max(shape.E, shape.Ev)
-    key_dkdv = tuning.Key.of("dkdv", q.dtype, dim, mods.banded)
-    key_dq = tuning.Key.of("dq", q.dtype, dim, mods.banded)
+    key_dkdv = tuning.Key.of("dkdv", q.dtype, dim, mods.banded, mods.masked)
+    key_dq = tuning.Key.of("dq", q.dtype, dim, mods.banded, mods.masked)
     if variants.onepass(key_dkdv, q.device, deterministic):
         from . import attention_bwd_onepass  # imported here: it takes query_tile_grads from this module
 

@@ -254,7 +254,7 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
     v_arg = v if v is not None else k  # without V the kernel never reads V / Out
     o_arg = out if out is not None else q
 
-    key = tuning.Key.of("fwd", q.dtype, max(shape.E, shape.Ev), mods.banded)
+    key = tuning.Key.of("fwd", q.dtype, max(shape.E, shape.Ev), mods.banded, mods.masked)
     interior, variant_blocks = variants.plan(key, q.device, mods.constexprs)
     tma = variants.tensor_descriptors(key, q.device, mods.constexprs, dict(q=q, k=k, v=v, out=out))
     ws = variants.warp_specialized(key, q.device, mods.constexprs, tma)

@@ -58,6 +58,11 @@ class ScoreMods:
         """Causal or sliding window: the kernels visit only the tiles in the band."""
         return bool(self.constexprs.get("BAND_LO") or self.constexprs.get("BAND_HI"))
 
+    @property
+    def masked(self) -> bool:
+        """A user mask or dropout: the kernels load or draw a value per score (tuning.Key.masked)."""
+        return bool(self.constexprs.get("MASK_KIND") or self.constexprs.get("DROPOUT"))
+
 
 def score_mods(
     dummy: torch.Tensor,

@@ -56,28 +56,34 @@ _FP32_DQ = {64: Blocks(64, 32, 8, 2), 128: Blocks(32, 32, 8, 2), 256: Blocks(32,
 _FP32_KEY_MAJOR = {64: Blocks(16, 64, 8, 2), 128: Blocks(32, 32, 8, 2), 256: Blocks(16, 32, 8, 1)}
 
 
-def forward_blocks(dim: int, dtype: torch.dtype) -> Blocks:
-    """Tiles for the forward and the dQ pass (query-major). Conservative first
-    choices that fit the shared memory of sm_80 / sm_90; tuned per GPU later."""
+def forward_blocks(dim: int, dtype: torch.dtype, masked: bool = False) -> Blocks:
+    """Tiles for the forward (query-major). Conservative first choices that fit the
+    shared memory of sm_80 / sm_90; tuned per GPU later. masked (a user mask or
+    dropout): a value loaded or drawn per score, with its 64-bit address, costs
+    registers; for 16-bit inputs the plain tiles then spilled on sm_90 (D <= 64: 88-412 B
+    at 4 warps, 24-852 B at 8 with the interior and tma variants; D <= 128: 1.4 KB at
+    128x64), these (32 keys per tile) do not with Triton 3.6 and 3.9."""
     if dtype == torch.float32:
         return _FP32_FORWARD[_dim_class(dim)]
     if dim <= 64:
-        return Blocks(128, 64, 4, 3)
+        return Blocks(128, 32, 8, 3) if masked else Blocks(128, 64, 4, 3)
     if dim <= 128:
-        return Blocks(128, 64, 8, 3)
+        return Blocks(64, 32, 8, 3) if masked else Blocks(128, 64, 8, 3)
     return Blocks(64, 32, 8, 2)
 
 
-def dq_blocks(dim: int, dtype: torch.dtype) -> Blocks:
-    """Tiles for the dQ pass: the forward's, but 8 warps for 16-bit inputs at D <= 64
-    (with 4 warps the 128x64 tile spilled 16-48 B on sm_90; with 8, 137-149 registers
-    and no spills with Triton 3.6 and 3.9: bench/results/static/)."""
+def dq_blocks(dim: int, dtype: torch.dtype, masked: bool = False) -> Blocks:
+    """Tiles for the dQ pass: 128x64 at 8 warps for 16-bit inputs up to D = 128 (at
+    D <= 64 with 4 warps the tile spilled 16-48 B on sm_90; with 8, 137-149 registers
+    and no spills with Triton 3.6 and 3.9: bench/results/static/), 128x32 with a mask
+    or dropout at D > 64 (128x64 spilled 16-316 B there)."""
     if dtype == torch.float32:
         return _FP32_DQ[_dim_class(dim)]
-    blocks = forward_blocks(dim, dtype)
     if dim <= 64:
-        return Blocks(blocks.BLOCK_M, blocks.BLOCK_N, 8, blocks.num_stages)
-    return blocks
+        return Blocks(128, 64, 8, 3)
+    if dim <= 128:
+        return Blocks(128, 32, 8, 3) if masked else Blocks(128, 64, 8, 3)
+    return forward_blocks(dim, dtype)
 
 
 def key_major_blocks(dim: int, dtype: torch.dtype) -> Blocks:

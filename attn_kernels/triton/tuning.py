@@ -45,22 +45,26 @@ class Key(NamedTuple):
     dtype: str  # "16bit" (fp16 and bf16) or "fp32"
     dim: int  # padded head dim (launch_config.head_block of max(E, Ev))
     banded: bool  # causal or sliding window: fewer key tiles per query tile
+    masked: bool = False  # a user mask or dropout: a per-score load / draw that needs registers
 
     @staticmethod
-    def of(kind: str, dtype: torch.dtype, dim: int, banded: bool) -> "Key":
+    def of(kind: str, dtype: torch.dtype, dim: int, banded: bool, masked: bool = False) -> "Key":
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        return Key(kind, "fp32" if dtype == torch.float32 else "16bit", head_block(dim), bool(banded))
+        return Key(kind, "fp32" if dtype == torch.float32 else "16bit", head_block(dim), bool(banded), bool(masked))
 
     def name(self) -> str:
-        return f"{self.kind}/{self.dtype}/d{self.dim}/{'banded' if self.banded else 'full'}"
+        name = f"{self.kind}/{self.dtype}/d{self.dim}/{'banded' if self.banded else 'full'}"
+        return name + "/masked" if self.masked else name
 
 
 def default(key: Key) -> Blocks:
     """The first guess (launch_config.py), used when no table or cache has the key."""
     dtype = torch.float32 if key.dtype == "fp32" else torch.bfloat16
-    pick = {"dkdv": key_major_blocks, "dq": dq_blocks}.get(key.kind, forward_blocks)
-    return pick(key.dim, dtype)
+    if key.kind == "dkdv":
+        return key_major_blocks(key.dim, dtype)
+    pick = dq_blocks if key.kind == "dq" else forward_blocks
+    return pick(key.dim, dtype, masked=key.masked)
 
 
 def candidates(key: Key) -> list:

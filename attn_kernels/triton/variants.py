@@ -169,9 +169,11 @@ def interior_split(kind: str, choice: Choice, constexprs: dict) -> bool:
 
 def tiles(choice: Choice, key: tuning.Key):
     """The Blocks variant `choice` is defined by for `key`, or None (the tile table /
-    first guess decides): 16-bit inputs only, up to the head dim each kind allows."""
+    first guess decides): 16-bit inputs only, up to the head dim each kind allows, and
+    not with a user mask or dropout (key.masked: the first guess's smaller tiles hold
+    the per-score loads without spilling; these spilled 48-876 B there on sm_90)."""
     by_kind = _TILES.get(choice.name, {})
-    if key.kind not in by_kind or key.dtype != "16bit" or key.dim > by_kind[key.kind][1]:
+    if key.kind not in by_kind or key.dtype != "16bit" or key.dim > by_kind[key.kind][1] or key.masked:
         return None
     return tuning.Blocks(*by_kind[key.kind][0])
 
