@@ -13,8 +13,10 @@ A launcher describes its launch as `launch(blocks) -> tensors it wrote` and call
      triton.testing.do_bench); a candidate whose output differs from the first
      guess's is dropped; the fastest is written to the cache, so no one pays twice;
   5. the first guess of launch_config.py.
-A key is (kernel, dtype, padded head dim, banded): fp16 and bf16 share entries (same
-tiles, same instructions), and causal / sliding-window launches have their own.
+A key is (kernel, dtype, padded head dim, banded, masked): fp16 and bf16 share entries
+(same tiles, same instructions); causal / sliding-window launches have their own, and
+so do launches with a user mask or dropout (a value loaded or drawn per score: they
+need smaller tiles to stay in registers).
 If the GPU refuses the chosen tiles (Triton's OutOfResources: shared memory or
 registers over the limit, e.g. an H100 table on a GPU with 99 KiB of shared memory),
 the launch steps down to smaller ones and remembers what ran, for this process.
