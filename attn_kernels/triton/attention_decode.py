@@ -173,10 +173,12 @@ def _decode_combine_kernel(
 
 
 def decode_blocks(group_rows: int, dim: int, dtype: torch.dtype) -> tuple:
-    """(BLOCK_M, BLOCK_N, num_warps) for GROUP * Lq rows: small row tiles, long key tiles."""
+    """(BLOCK_M, BLOCK_N, num_warps) for GROUP * Lq rows: small row tiles, long key tiles.
+    float32 above D = 64 takes 8 warps: with 4 the paged D = 128 kernel spilled 916 B on
+    sm_90 (48-72 registers with 8: bench/results/static/*compile-sweep.txt)."""
     block_m = min(64, max(16, triton.next_power_of_2(group_rows)))
     block_n = 32 if (dim > 128 or dtype == torch.float32) else 64
-    return block_m, block_n, 4
+    return block_m, block_n, 8 if (dtype == torch.float32 and dim > 64) else 4
 
 
 def attention_decode(q, k_cache, v_cache, seqlens, block_table, alibi, out, lse, *, num_splits, split_len,
