@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import tuning, variants
-from .launch_config import dot_precision, forward_blocks, head_block, upcast
+from .launch_config import FP_FUSION, dot_precision, forward_blocks, head_block, upcast
 from .tiling import (alibi_slope_log2, dropout_keep, interior_range, key_range, lse_shift, query_range, scores_base2,
                      sequence_bounds, split_program_id, to_lowp)
 
@@ -461,6 +461,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods, dete
         VARLEN=mods.constexprs["VARLEN"],
         BLOCK_M=pre.BLOCK_M,
         BLOCK_DV=common["BLOCK_DV"],
+        **FP_FUSION,
     )
 
     dim = max(shape.E, shape.Ev)
@@ -490,6 +491,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods, dete
             BLOCK_M=blocks.BLOCK_M,
             BLOCK_N=blocks.BLOCK_N,
             num_warps=blocks.num_warps,
+            **FP_FUSION,
             num_stages=blocks.num_stages,
             **mods.constexprs,
             **common,
@@ -507,6 +509,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, dq, dk, dv, ds, shape, mods, dete
             BLOCK_M=blocks.BLOCK_M,
             BLOCK_N=blocks.BLOCK_N,
             num_warps=blocks.num_warps,
+            **FP_FUSION,
             num_stages=blocks.num_stages,
             **mods.constexprs,
             **common,

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .attention_bwd import query_tile_grads
+from .launch_config import FP_FUSION
 from .tiling import alibi_slope_log2, query_range, sequence_bounds, split_program_id, to_lowp
 
 
@@ -167,6 +168,7 @@ def attention_bwd_onepass(do, q, k, v, lse, delta, dq, dk, dv, ds, shape, mods, 
         BLOCK_M=blocks.BLOCK_M,
         BLOCK_N=blocks.BLOCK_N,
         num_warps=blocks.num_warps,
+        **FP_FUSION,
         num_stages=blocks.num_stages,
         **mods.constexprs,
         **common,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import LOG2E, dot_precision, head_block, upcast
+from .launch_config import FP_FUSION, LOG2E, dot_precision, head_block, upcast
 from .tiling import tanh, to_lowp
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -210,13 +210,14 @@ def attention_decode(q, k_cache, v_cache, seqlens, block_table, alibi, out, lse,
         SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
         UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(E), BLOCK_DV=head_block(EV),
-        num_warps=warps, num_stages=2,
+        num_warps=warps, num_stages=2, **FP_FUSION,
     )
     _decode_combine_kernel[(B * HQ * LQ,)](
         o_part, lse_part, out, lse,
         *out.stride(),
         HQ, LQ, EV, num_splits,
         UPCAST=upcast(q.dtype), BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=head_block(EV),
+        **FP_FUSION,
     )
 
 

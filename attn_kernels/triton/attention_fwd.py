@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import tuning
-from .launch_config import dot_precision, head_block, upcast
+from .launch_config import FP_FUSION, dot_precision, head_block, upcast
 from . import variants
 from .tiling import (alibi_slope_log2, dropout_keep, interior_range, key_range, scores_base2, sequence_bounds,
                      split_program_id, to_lowp)
@@ -287,6 +287,7 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
             BLOCK_D=head_block(shape.E),
             BLOCK_DV=head_block(shape.Ev),
             num_warps=blocks.num_warps,
+            **FP_FUSION,
             num_stages=blocks.num_stages,
             **mods.constexprs,
         )

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .launch_config import dot_precision, head_block, upcast
+from .launch_config import FP_FUSION, dot_precision, head_block, upcast
 from .tiling import alibi_slope_log2, lse_shift, scores_base2, split_program_id, to_lowp
 
 
@@ -94,6 +94,7 @@ def attention_weights(q, k, lse, probs, shape, mods):
             BLOCK_N=blocks.BLOCK_N,
             BLOCK_D=head_block(shape.E),
             num_warps=blocks.num_warps,
+            **FP_FUSION,
             **mods.constexprs,
         )
         return (probs,)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import FP_FUSION
 from .tiling import dropout_keep, split_program_id
 
 BLOCK = 64
@@ -33,5 +34,5 @@ def dropout_mask(seed: torch.Tensor, Z: int, H: int, L: int, S: int, dropout_p: 
     keep = torch.zeros((Z, H, L, S), device=device, dtype=torch.int8)
     if keep.numel():
         grid = (triton.cdiv(L, BLOCK) * triton.cdiv(S, BLOCK) * Z * H,)
-        _dropout_mask_kernel[grid](seed, keep, H, L, S, float(dropout_p), BLOCK_M=BLOCK, BLOCK_N=BLOCK)
+        _dropout_mask_kernel[grid](seed, keep, H, L, S, float(dropout_p), BLOCK_M=BLOCK, BLOCK_N=BLOCK, **FP_FUSION)
     return keep.bool()
