@@ -194,18 +194,18 @@ def on_triton(monkeypatch):
     list of calls that reached the kernels."""
     import functools
 
-    from attn_kernels import api, ops
+    from attn_kernels import api, triton_ops
 
     reached = []
     for name in ("fused_attention", "attention_weights"):
         monkeypatch.setattr(ak_hf, name, functools.partial(getattr(api, name), backend="triton"))
-        real = getattr(ops, name)
+        real = getattr(triton_ops, name)
 
         def spy_op(*args, _real=real, _name=name, **kwargs):
             reached.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(ops, name, spy_op)
+        monkeypatch.setattr(triton_ops, name, spy_op)
     return reached
 
 

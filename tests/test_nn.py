@@ -433,18 +433,18 @@ def on_triton(monkeypatch):
     import functools
 
     import attn_kernels.nn as ak_nn
-    from attn_kernels import api, ops
+    from attn_kernels import api, triton_ops
 
     reached = []
     for name in ("fused_attention", "attention_weights"):
         monkeypatch.setattr(ak_nn, name, functools.partial(getattr(api, name), backend="triton"))
-        real = getattr(ops, name)
+        real = getattr(triton_ops, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             reached.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(ops, name, spy)
+        monkeypatch.setattr(triton_ops, name, spy)
     return reached
 
 
