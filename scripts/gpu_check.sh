@@ -125,6 +125,10 @@ step_sanitize() {
     "$tool" --tool racecheck --racecheck-report all "${common[@]}" "$PY" scripts/sanitize_cuda.py || status=1
     "$tool" --tool synccheck "${common[@]}" "$PY" scripts/sanitize_cuda.py || status=1
     for variant in $("$PY" bench/ab_variants.py --list | awk '$1 != "baseline" {print $1}'); do
+        if [ "$variant" = ws ] && ! "$PY" -c "import sys, torch; sys.exit(torch.cuda.get_device_capability()[0] < 10)"; then
+            echo "--- memcheck, Triton variant ws: skipped (it refuses GPUs below sm_100)"
+            continue
+        fi
         echo "--- memcheck, Triton variant $variant"
         ATTN_KERNELS_TRITON_VARIANT=$variant PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             "$tool" --tool memcheck "${common[@]}" "$PY" scripts/sanitize_case.py || status=1
