@@ -230,6 +230,7 @@ def write_table(path: Path, found: dict, header: dict, baseline_ms: dict) -> lis
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
+    tuning.forget(path)  # this process reads the new table, not what it cached of the old one
     return written
 
 

@@ -82,6 +82,29 @@ def test_table_with_unknown_variant_is_a_clear_error(tmp_path, monkeypatch):
         variants.select(_key(), torch.device("cpu"))
 
 
+def test_table_is_read_once_until_written(tmp_path, monkeypatch):
+    # a launch reads the table's variant from tuning's per-process cache, not the file each time
+    monkeypatch.delenv(variants.ENV, raising=False)
+    monkeypatch.setattr(tuning, "_files", {})
+    blocks = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    _table(tmp_path, monkeypatch, {_key().name(): dict(blocks, variant="interior")})
+    assert variants.select(_key(), torch.device("cpu")).name == "interior"
+    (tmp_path / "fake-gpu.json").write_text(json.dumps({"configs": {_key().name(): dict(blocks, variant="wide")}}))
+    assert variants.select(_key(), torch.device("cpu")).name == "interior"
+    tuning.forget(tmp_path / "fake-gpu.json")  # what a writer in this process does
+    assert variants.select(_key(), torch.device("cpu")).name == "wide"
+
+
+def test_forward_selects_once_per_launch(monkeypatch):
+    calls = []
+    real = variants.select
+    monkeypatch.setattr(variants, "select", lambda *a: calls.append(a[0].kind) or real(*a))
+    monkeypatch.setenv(variants.ENV, "tma")
+    q, k, v = make_qkv((1,), 2, 2, 17, 17, 16, 16, FP16)
+    fused(q, k, v)
+    assert calls == ["fwd"] and variants.last_choices()["fwd"].name == "tma"
+
+
 def test_interior_falls_back_with_a_reason_under_modifiers():
     asked = variants.Choice("interior", "forced")
     assert variants.interior_split("fwd", asked, dict(MASK_KIND=0, BAND_HI=True, DROPOUT=True, VARLEN=True))

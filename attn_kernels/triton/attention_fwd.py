@@ -255,9 +255,8 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
     o_arg = out if out is not None else q
 
     key = tuning.Key.of("fwd", q.dtype, max(shape.E, shape.Ev), mods.banded, mods.masked)
-    interior, variant_blocks = variants.plan(key, q.device, mods.constexprs)
-    tma = variants.tensor_descriptors(key, q.device, mods.constexprs, dict(q=q, k=k, v=v, out=out))
-    ws = variants.warp_specialized(key, q.device, mods.constexprs, tma)
+    interior, variant_blocks, tma, ws = variants.forward_plan(key, q.device, mods.constexprs,
+                                                              dict(q=q, k=k, v=v, out=out))
 
     def launch(blocks):
         grid = (triton.cdiv(shape.L, blocks.BLOCK_M) * shape.Z * shape.H,)
@@ -284,8 +283,8 @@ def attention_fwd(q, k, v, lse, out, shape, mods):
             DOT_PRECISION=dot_precision(q.dtype),
             BLOCK_M=blocks.BLOCK_M,
             BLOCK_N=blocks.BLOCK_N,
-            BLOCK_D=head_block(shape.E),
-            BLOCK_DV=head_block(shape.Ev),
+            BLOCK_D=d,
+            BLOCK_DV=dv,
             num_warps=blocks.num_warps,
             **FP_FUSION,
             num_stages=blocks.num_stages,

@@ -136,16 +136,33 @@ def table_path(gpu: str) -> Path:
     return TABLE_DIR / f"{gpu}.json"
 
 
-def read_configs(path: Path) -> dict:
-    """{key name: Blocks} from a table or cache file; {} when it is missing or unreadable."""
+def _read(path: Path) -> tuple:
+    """({key name: Blocks}, {key name: variant name}) of a table or cache file, read once
+    per process (until written here or `forget`); empty when missing or unreadable."""
     if path not in _files:
         try:
             entries = json.loads(path.read_text())["configs"]
-            _files[path] = {name: Blocks(*(entry[f.name] for f in fields(Blocks)))
-                            for name, entry in entries.items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            _files[path] = {}
+            _files[path] = ({name: Blocks(*(entry[f.name] for f in fields(Blocks))) for name, entry in entries.items()},
+                            {name: entry["variant"] for name, entry in entries.items() if entry.get("variant")})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            _files[path] = ({}, {})
     return _files[path]
+
+
+def read_configs(path: Path) -> dict:
+    """{key name: Blocks} from a table or cache file; {} when it is missing or unreadable."""
+    return _read(path)[0]
+
+
+def read_variants(path: Path) -> dict:
+    """{key name: variant name} of the entries of a table that name a kernel variant
+    (bench/ab_variants.py --write-table); {} when none, or missing / unreadable."""
+    return _read(path)[1]
+
+
+def forget(path: Path) -> None:
+    """Drop what was read from `path` (it was just written), so the next read sees the file."""
+    _files.pop(path, None)
 
 
 def write_config(path: Path, key: Key, blocks: Blocks, header: dict, **timing) -> None:
@@ -162,7 +179,7 @@ def write_config(path: Path, key: Key, blocks: Blocks, header: dict, **timing) -
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a file
-    _files.pop(path, None)
+    forget(path)
 
 
 def versions() -> dict:

@@ -16,9 +16,10 @@ the recorded reason says so) and the tiles the variant is defined by (`tiles`,
 handed to tuning.run, which otherwise takes the tile table or the first guess).
 A backward first asks `onepass(key, device, deterministic)`: whether variant "onepass"
 replaces its 3 kernels by one (never with deterministic=True; recorded as kind "bwd").
-The forward then asks `tensor_descriptors(...)` (variants "tma" and "ws": TMA where the
-strides allow, else the pointer path with the reason recorded) and `warp_specialized(...)`
-(variant "ws": its non-causal loop; NotImplementedError below sm_100).
+The forward asks `forward_plan(...)` instead: `plan` plus `tensor_descriptors` (variants
+"tma" and "ws": TMA where the strides allow, else the pointer path with the reason
+recorded) and `warp_specialized` (variant "ws": its non-causal loop; NotImplementedError
+below sm_100), from one selection.
 
 `last_choices()` returns what the latest launch of each kind chose (for benchmarks
 and tests: which variant really ran).
@@ -26,7 +27,6 @@ and tests: which variant really ran).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import NamedTuple
@@ -104,11 +104,7 @@ def table_variant(key: tuning.Key, gpu: str) -> str | None:
     """The variant the tile table of `gpu` records for `key`, or None."""
     if gpu == "cpu":  # the interpreter reads no table (as tuning.choose)
         return None
-    try:
-        entry = json.loads(tuning.table_path(gpu).read_text())["configs"][key.name()]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    name = entry.get("variant") if isinstance(entry, dict) else None
+    name = tuning.read_variants(tuning.table_path(gpu)).get(key.name())
     if name is None:
         return None
     if name not in VARIANTS:
@@ -182,7 +178,20 @@ def plan(key: tuning.Key, device: torch.device, constexprs: dict) -> tuple:
     """What a launcher needs: (split into interior / edge tiles?, the variant's Blocks or
     None), for a launch of `key` with these score-modifier flags; recorded for
     `last_choices`."""
+    return _plan(key, select(key, device), constexprs)
+
+
+def forward_plan(key: tuning.Key, device: torch.device, constexprs: dict, tensors: dict) -> tuple:
+    """The forward launcher's `plan`, from one selection: (interior split?, the variant's
+    Blocks or None, tensor descriptors?, warp-specialised?); `tensors` are its (Z, H, N, D)
+    kernel views ({"q": q, ...}, None entries skipped). The last record says what ran."""
     choice = select(key, device)
+    interior, blocks = _plan(key, choice, constexprs)
+    descriptors = tensor_descriptors(key, choice, constexprs, tensors)
+    return interior, blocks, descriptors, warp_specialized(key, choice, constexprs, descriptors)
+
+
+def _plan(key: tuning.Key, choice: Choice, constexprs: dict) -> tuple:
     if choice.name in _ONEPASS:  # a forward, or a backward that `onepass` kept on the 3 kernels
         choice = Choice("baseline", f"{choice.reason}: {choice.name!r} changes only the one-pass backward; "
                                     f"this launch runs the baseline kernel")
@@ -208,14 +217,13 @@ def descriptor_blocker(t: torch.Tensor) -> str | None:
     return None
 
 
-def tensor_descriptors(key: tuning.Key, device: torch.device, constexprs: dict, tensors: dict) -> bool:
-    """Whether the forward launch of `key` reads Q/K/V and writes O through tensor
-    descriptors (variants "tma", "ws"; 16-bit inputs only), given its (Z, H, N, D) kernel views `tensors`
-    ({"q": q, ...}, None entries skipped) and its score-modifier flags; recorded for
-    `last_choices` (replacing what `plan` recorded for this launch). Packed (varlen)
+def tensor_descriptors(key: tuning.Key, choice: Choice, constexprs: dict, tensors: dict) -> bool:
+    """Whether the forward launch of `key`, under variant `choice`, reads Q/K/V and writes O
+    through tensor descriptors (variants "tma", "ws"; 16-bit inputs only), given its
+    (Z, H, N, D) kernel views `tensors` and its score-modifier flags; recorded for
+    `last_choices` (replacing what `_plan` recorded for this launch). Packed (varlen)
     batches keep the pointer path: a descriptor's bounds would be the packed tensor's,
     so a ragged tile would read, and its store clip at, the next sequence's rows."""
-    choice = select(key, device)
     if choice.name not in _DESCRIPTORS or key.kind != "fwd":
         return False
     blockers = []
@@ -263,13 +271,12 @@ def _target_arch():
     return target.arch if target.backend == "cuda" else None
 
 
-def warp_specialized(key: tuning.Key, device: torch.device, constexprs: dict, descriptors: bool) -> bool:
-    """Whether the forward launch of `key` warp-specialises its key loop (variant "ws"),
-    given whether it got tensor descriptors (`tensor_descriptors`); recorded for
+def warp_specialized(key: tuning.Key, choice: Choice, constexprs: dict, descriptors: bool) -> bool:
+    """Whether the forward launch of `key`, under variant `choice`, warp-specialises its key
+    loop (variant "ws"), given whether it got tensor descriptors (`tensor_descriptors`); recorded for
     `last_choices`. Raises NotImplementedError on a GPU below sm_100, where the installed
     Triton would silently leave the loop unspecialised (or fail to compile it). The
     interpreter runs the loop as written (it ignores warp_specialize): correctness only."""
-    choice = select(key, device)
     if choice.name != "ws" or key.kind != "fwd":
         return False
     if not launch_config.interpreting():
