@@ -11,7 +11,7 @@ output 0, lse -inf and zero gradients):
   (or bottom-right with L == S); E == Ev; no empty dim; a bool mask or a float one of
   the query dtype that needs no gradient; an lse that needs none (and no lse at all
   for float16 / bfloat16 inputs, where the kernel's is less accurate than the rule).
-  For float16 / bfloat16 its backward runs in float32 (see _Float32Backward).
+  For float16 / bfloat16 the backward is not torch's (see _LowPrecisionBackward).
 - the blocked path (cpu_blocked.py, cpu_tiles.py) for everything else: forward and
   backward with online softmax over key blocks, never an L x S buffer.
 
@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu_dropout, cpu_varlen
+from . import cpu_dropout, cpu_native, cpu_varlen
 from ._checks import AttentionArgumentError, AttentionSpec
 from ._kernel_inputs import as_4d
 from .cpu_blocked import BlockedAttention, mask_layout
@@ -44,7 +44,7 @@ DETAIL = (
 
 
 def status() -> tuple:
-    return True, DETAIL
+    return True, f"{DETAIL}; {cpu_native.status()}"
 
 
 def refusal(spec) -> Optional[Exception]:
@@ -97,20 +97,21 @@ _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-class _Float32Backward(torch.autograd.Function):
-    """torch's kernel at the 16-bit input dtype forward, and its backward run on the
-    same values in float32. torch's own float16 / bfloat16 backward misses the suite's
-    accuracy rule (measured: dK / dV errors 1.3-2x the budget, e.g. dV 4.3e-3 against
-    2.1e-3 in fp16 at L=65, S=90, E=24); its float32 backward meets it, and measured
-    about as fast as the bf16 one on this project's 2-core CPU (bench/bench_cpu.py).
-    On a CPU with AVX512-BF16 the float32 backward costs ~1.3x torch's bf16 one; tried
-    and measured (2026-12-04, 1 thread, the six shapes of bench_cpu.py), none both
-    faster and within the rule: the blocked backward with bf16 matmuls after float32
-    scores and dP (0.79-0.92x SDPA's training step; dQ 1.06x its budget in one test),
-    also with dP - D from one bf16 matmul of [dO | -D] and [V | 1] (1.02-1.37x, but P
-    from bf16-rounded s - lse puts dV at 4x its budget), and torch's bf16 backward on
-    tiles of 32-256 query rows with float32 sums (slower, dV still over). torch has no
-    CPU matmul of bf16 inputs with a float32 result, which is what this would need."""
+def _gemm_ready(t: torch.Tensor) -> torch.Tensor:
+    """t with unit last stride and rows at least a row apart (what a GEMM can read)."""
+    return t if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] else t.contiguous()
+
+
+class _LowPrecisionBackward(torch.autograd.Function):
+    """torch's kernel at the 16-bit input dtype forward; a backward that meets the
+    suite's accuracy rule, which torch's own float16 / bfloat16 backward misses (it adds
+    each block's product into the 16-bit gradient: dK / dV errors 1.3-2.7x the budget,
+    e.g. dV 4.3e-3 against 2.1e-3 in fp16 at L=65, S=90, E=24):
+    - bfloat16: cpu_native's compiled kernel, torch's blocked route with float32 sums
+      (measured as fast as torch's bf16 backward, bench/bench_cpu.py);
+    - float16, or where that kernel is not available: torch's float32 backward on the
+      same values (1.3-1.5x slower than torch's bf16 one on a CPU with bf16 dot products;
+      float16 GEMMs without AVX512-FP16 are slower still)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal: bool, scale: float):
@@ -124,8 +125,13 @@ class _Float32Backward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _):
         q, k, v, mask, out, lse = ctx.saved_tensors
-        up = [t.float().contiguous() for t in (dout, q, k, v, out)]
         mask = None if mask is None else mask.float()
+        if q.dtype == torch.bfloat16 and cpu_native.ops() is not None:
+            dq, dk, dv = cpu_native.attention_backward_bf16(
+                dout.contiguous(), *(_gemm_ready(t) for t in (q, k, v, out)), lse, mask, ctx.is_causal, ctx.scale
+            )
+            return dq, dk, dv, None, None, None
+        up = [t.float().contiguous() for t in (dout, q, k, v, out)]
         dq, dk, dv = _FLASH_CPU_BACKWARD(*up, lse, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -141,7 +147,7 @@ def _torch_kernel(query, key, value, attn_mask, spec: AttentionSpec):
             mask = torch.zeros(mask.shape, dtype=spec.dtype).masked_fill_(~mask, float("-inf"))
         mask = _mask_4d(mask, spec)
     if spec.dtype in (torch.float16, torch.bfloat16) and _grad_wanted(q, k, v):
-        out, lse = _Float32Backward.apply(q, k, v, mask, spec.is_causal, spec.scale)
+        out, lse = _LowPrecisionBackward.apply(q, k, v, mask, spec.is_causal, spec.scale)
     else:  # torch's own autograd formula
         out, lse = _FLASH_CPU(q, k, v, 0.0, spec.is_causal, attn_mask=mask, scale=spec.scale)
     if spec.has_mask:

@@ -279,9 +279,10 @@ def markdown(info: dict, rows: list) -> str:
         )
     lines += [
         "",
-        "bf16 forward + backward: the cpu backend runs torch's backward on the bf16 values in fp32, because "
-        "torch's bf16 backward misses the test suite's accuracy rule (dK / dV errors 1.3-2x its budget); "
-        "that fp32 backward is slower than the bf16 one on a CPU with AVX512-BF16.",
+        "bf16 forward + backward: the cpu backend's backward is its own compiled kernel "
+        f"({attn_kernels.cpu_native.status()}): torch's blocked route with float32 sums, since torch's bf16 "
+        "backward (the SDPA column) rounds each gradient once per block and misses the test suite's accuracy "
+        "rule (dK / dV errors 1.3-2.7x its budget).",
     ]
     feat = _find(rows, section="features") or dict(B="?", H="?", L="?", D="?")
     mha = _find(rows, section="mha") or dict(B="?", L="?", dim="?", heads="?")
