@@ -127,6 +127,8 @@ class _LowPrecisionBackward(torch.autograd.Function):
         q, k, v, mask, out, lse = ctx.saved_tensors
         mask = None if mask is None else mask.float()
         if q.dtype == torch.bfloat16 and cpu_native.ops() is not None:
+            if mask is not None and mask.shape[-1] > 1 and mask.stride(-1) > 1:
+                mask = mask.contiguous()  # the kernel reads a mask row with unit (or zero) stride
             dq, dk, dv = cpu_native.attention_backward_bf16(
                 dout.contiguous(), *(_gemm_ready(t) for t in (q, k, v, out)), lse, mask, ctx.is_causal, ctx.scale
             )

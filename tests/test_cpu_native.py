@@ -73,7 +73,7 @@ def test_matches_reference(native, L, S, E, Hq, Hkv, causal):
     assert native.calls == 1
 
 
-@pytest.mark.parametrize("kind", ["bool", "float-per-head", "float-row-broadcast"])
+@pytest.mark.parametrize("kind", ["bool", "float-per-head", "float-row-broadcast", "float-transposed"])
 def test_masks(native, kind):
     torch.manual_seed(3)
     L, S = 150, 140
@@ -84,8 +84,10 @@ def test_masks(native, kind):
     elif kind == "float-per-head":
         mask = torch.randn(4, L, S)
         mask[:, 7, 1:] = float("-inf")  # one key left (a row of -inf only has no float64 gradient)
-    else:  # one bias per (query, key-independent): last dim broadcast
+    elif kind == "float-row-broadcast":  # one bias per query row: the key dim broadcast
         mask = torch.randn(2, 1, L, 1)
+    else:  # a (S, L) bias seen transposed: the key dim strided
+        mask = torch.randn(S, L).t()
     check_against_reference(attend, q, k, v, attn_mask=mask, enable_gqa=True)
     assert native.calls == 1
 

@@ -244,9 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(
   if (mask.has_value() && mask->defined()) {
     TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->dim() == 4, "attention_backward_bf16: mask must be float32 4-D");
     mask_view = mask->expand({Z, Hq, L, S});
-    TORCH_CHECK(mask_view.stride(3) <= 1, "attention_backward_bf16: the mask's last stride must be 0 or 1");
+    const int64_t key_stride = S == 1 ? 0 : mask_view.stride(3);
+    TORCH_CHECK(key_stride <= 1, "attention_backward_bf16: the mask's last stride must be 0 or 1");
     m4 = Mask{mask_view.const_data_ptr<float>(), mask_view.stride(0), mask_view.stride(1), mask_view.stride(2),
-              mask_view.stride(3)};
+              key_stride};
   }
 
   // (E, S) copies of each key / value head
