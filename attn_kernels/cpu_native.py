@@ -96,5 +96,5 @@ def status() -> str:
 def attention_backward_bf16(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float):
     """dout, q, out (Z, Hq, L, E); k, v (Z, Hkv, S, E), bfloat16, unit last stride; lse
     float32 (Z, Hq, L); mask float32 broadcastable to (Z, Hq, L, S) or None; top-left
-    causal -> (dq, dk, dv) bfloat16 shaped like q, k, v."""
-    return ops().attention_backward_bf16(dout, q, k, v, out, lse, mask, is_causal, scale)
+    causal -> (dq, dk, dv) bfloat16 shaped like q, k, v. Call after ops() said it is built."""
+    return _state["ops"].attention_backward_bf16(dout, q, k, v, out, lse, mask, is_causal, scale)

@@ -130,13 +130,13 @@ void probs_and_dscores(const GroupTask& a, const float* delta, int64_t h, int64_
     // P = exp(scale S + mask - lse)
     const Vec v_lse(lse);
     const float* mrow = a.mask.data ? a.mask.row(a.z, a.h0 + h, i) + n * a.mask.ss : nullptr;
+    // the mask's key stride is 1, or 0 (one bias per row)
+    const bool mask_per_key = mrow != nullptr && a.mask.ss == 1;
+    const Vec row_bias(mrow != nullptr && !mask_per_key ? mrow[0] : 0.f);
     int64_t j = 0;
-    if (mrow == nullptr || a.mask.ss == 1) {
-      for (; j + Vec::size() <= allowed; j += Vec::size()) {
-        Vec x = Vec::loadu(p + j) * v_scale;
-        if (mrow) x = x + Vec::loadu(mrow + j);
-        (x - v_lse).exp_u20().store(p + j);
-      }
+    for (; j + Vec::size() <= allowed; j += Vec::size()) {
+      const Vec bias = mask_per_key ? Vec::loadu(mrow + j) : row_bias;
+      (Vec::loadu(p + j) * v_scale + bias - v_lse).exp_u20().store(p + j);
     }
     for (; j < allowed; ++j) {
       const float bias = mrow ? mrow[j * a.mask.ss] : 0.f;
